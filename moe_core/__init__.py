@@ -1,0 +1,6 @@
+"""moe_core: a small, tested PyTorch package for studying Mixture-of-Experts routing."""
+from .config import ROUTERS, MoEConfig, ModelConfig
+from .model import ModelOutput, TinyMoEModel
+from .moe import MoEFeedForward, MoEStats
+
+__all__ = ["ROUTERS", "MoEConfig", "ModelConfig", "MoEFeedForward", "MoEStats", "TinyMoEModel", "ModelOutput"]

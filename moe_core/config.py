@@ -1,0 +1,132 @@
+"""Configuration dataclasses for the MoE layer and the TinyMoE model.
+
+Each concern has one dataclass, validated in ``__post_init__`` so that a bad value fails at
+construction with a ``ValueError`` naming the field, before any tensor is allocated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROUTERS = ("top1", "topk_hard", "softk", "hash", "expert_choice")
+"""Router names (contract). Hyphenated spellings (``topk-hard``) are accepted as aliases."""
+
+BACKENDS = ("loop", "einsum", "padded", "grouped")
+ACTIVATIONS = ("gelu", "swiglu")
+DROP_POLICIES = ("order", "score")
+EC_EVAL_MODES = ("causal", "noncausal")
+
+
+def canonical_router(name: str) -> str:
+    """Map a router name or alias (``expert-choice``, ``Top1``) to its canonical spelling."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in ROUTERS:
+        raise ValueError(f"router: unknown router {name!r}; valid: {', '.join(ROUTERS)}")
+    return key
+
+
+def _check(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {msg}")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE feed-forward layer: experts, router, capacity, balance losses, dispatch backend.
+
+    ``capacity_factor=None`` means dropless. Capacity per expert is
+    ``C = ceil(capacity_factor * T * top_k / num_experts)`` for a routing group of T tokens.
+    """
+
+    dim: int = 256
+    hidden: int = 1024
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "softk"
+    capacity_factor: float | None = 1.25
+    drop_policy: str = "order"  # "order": earlier tokens win; "score": larger weight wins
+    renormalize: bool = False  # rescale surviving weights of a token to its original gate mass
+    backend: str = "padded"
+    activation: str = "gelu"
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss alpha
+    z_loss_coef: float = 1e-3  # ST-MoE router z-loss beta (0 disables)
+    aux_free_bias: bool = False  # DeepSeek-V3 bias balancing (selection only)
+    bias_update_rate: float = 1e-3
+    hash_vocab_size: int | None = None  # required by the hash router (set by TinyMoEModel)
+    hash_seed: int = 0
+    ec_eval: str = "causal"  # how expert_choice routes in eval mode
+    router_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.router = canonical_router(self.router)
+        for name in ("dim", "hidden", "num_experts", "top_k"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   name, f"must be an integer >= 1, got {value!r}")
+        _check(self.top_k <= self.num_experts, "top_k",
+               f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.router == "top1":
+            _check(self.top_k == 1, "top_k", f"router top1 routes to one expert, got top_k={self.top_k}")
+        if self.capacity_factor is not None:
+            _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
+                   "capacity_factor", f"must be > 0 or None (dropless), got {self.capacity_factor!r}")
+            self.capacity_factor = float(self.capacity_factor)
+        _check(not (self.router == "expert_choice" and self.capacity_factor is None), "capacity_factor",
+               "expert_choice needs a capacity factor (each expert picks C tokens)")
+        _check(self.drop_policy in DROP_POLICIES, "drop_policy",
+               f"unknown {self.drop_policy!r}; valid: {', '.join(DROP_POLICIES)}")
+        _check(self.backend in BACKENDS, "backend", f"unknown {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        _check(self.activation in ACTIVATIONS, "activation",
+               f"unknown {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        _check(self.ec_eval in EC_EVAL_MODES, "ec_eval",
+               f"unknown {self.ec_eval!r}; valid: {', '.join(EC_EVAL_MODES)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_init_std"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value >= 0, name, f"must be >= 0, got {value!r}")
+        if self.hash_vocab_size is not None:
+            _check(isinstance(self.hash_vocab_size, int) and self.hash_vocab_size >= 1, "hash_vocab_size",
+                   f"must be an integer >= 1, got {self.hash_vocab_size!r}")
+        _check(not (self.aux_free_bias and self.router in ("hash", "expert_choice")), "aux_free_bias",
+               f"bias balancing applies to token-choice routers with a learned router, not {self.router}")
+
+
+FFN_KINDS = ("moe", "dense")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only TinyMoE language model.
+
+    ``ffn="dense"`` replaces every MoE layer by a dense FFN of hidden ``top_k * moe.hidden`` so that
+    active FLOPs per token match the token-choice MoE (the iso-FLOP baseline).
+    """
+
+    vocab_size: int = 256
+    seq_len: int = 256
+    dim: int = 256
+    layers: int = 4
+    heads: int = 4
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    ffn: str = "moe"
+    moe_every: int = 1  # MoE in blocks i with i % moe_every == moe_every - 1; dense elsewhere
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "dim", "layers", "heads", "moe_every"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   name, f"must be an integer >= 1, got {value!r}")
+        _check(self.dim % self.heads == 0, "heads", f"dim={self.dim} is not divisible by heads={self.heads}")
+        _check(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig")
+        _check(self.moe.dim == self.dim, "moe.dim", f"moe.dim={self.moe.dim} differs from dim={self.dim}")
+        _check(self.ffn in FFN_KINDS, "ffn", f"unknown {self.ffn!r}; valid: {', '.join(FFN_KINDS)}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std!r}")
+        if self.moe.router == "hash":
+            if self.moe.hash_vocab_size is None:
+                self.moe.hash_vocab_size = self.vocab_size
+            _check(self.moe.hash_vocab_size == self.vocab_size, "moe.hash_vocab_size",
+                   f"{self.moe.hash_vocab_size} differs from vocab_size={self.vocab_size}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.ffn == "moe" and i % self.moe_every == self.moe_every - 1

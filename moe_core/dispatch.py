@@ -1,0 +1,141 @@
+"""Expert weights and the dispatch backends that execute a :class:`~moe_core.routing.Routing`.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, C capacity, A assignments,
+N rows handed to the experts (sorted assignments).
+
+One math, several speeds; tests prove them equal on the same routing:
+
+- ``loop``: per-expert Python loop, the readable oracle.
+- ``einsum``: GShard-style one-hot dispatch/combine tensors [T, E, C] and einsums.
+- ``padded``: an [E, C, D] buffer + batched matmul (Switch/GShard baseline without the one-hot).
+- ``grouped``: sort by expert + grouped GEMM with offsets (``torch._grouped_mm``).
+
+Dropless (capacity None) ``einsum`` and ``padded`` size C to the fullest expert, which needs one
+host synchronisation; ``grouped`` needs none on CUDA.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import MoEConfig
+from .routing import Routing
+
+
+class Experts(torch.nn.Module):
+    """E independent FFNs stored as [E, D, F] / [E, F, D] (GELU MLP, or SwiGLU with a gate w3).
+
+    Per-expert fan-in initialisation: w1 ~ N(0, 1/D), w2 ~ N(0, 1/F), so an expert's output scale
+    does not depend on E.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        E, D, Fh = cfg.num_experts, cfg.dim, cfg.hidden
+        self.activation = cfg.activation
+        self.w1_EDF = torch.nn.Parameter(torch.randn(E, D, Fh) / math.sqrt(D))
+        self.w2_EFD = torch.nn.Parameter(torch.randn(E, Fh, D) / math.sqrt(Fh))
+        self.w3_EDF = torch.nn.Parameter(torch.randn(E, D, Fh) / math.sqrt(D)) if cfg.activation == "swiglu" else None
+
+    def _act(self, up, gate):
+        return F.silu(gate) * up if self.activation == "swiglu" else F.gelu(up)
+
+    def one(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
+        gate = x_ND @ self.w3_EDF[e] if self.w3_EDF is not None else None
+        return self._act(x_ND @ self.w1_EDF[e], gate) @ self.w2_EFD[e]
+
+    def batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        gate = torch.bmm(x_ECD, self.w3_EDF) if self.w3_EDF is not None else None
+        return torch.bmm(self._act(torch.bmm(x_ECD, self.w1_EDF), gate), self.w2_EFD)
+
+    def grouped(self, x_ND: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """Rows [offs[e-1], offs[e]) go to expert e; rows past offs[-1] are left undefined."""
+        gate = _grouped_mm(x_ND, self.w3_EDF, offs_E) if self.w3_EDF is not None else None
+        return _grouped_mm(self._act(_grouped_mm(x_ND, self.w1_EDF, offs_E), gate), self.w2_EFD, offs_E)
+
+
+def grouped_mm_supported(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs bf16 on CUDA (any float on CPU) and 16-byte aligned row strides."""
+    row_bytes = (x_ND.shape[-1] * x_ND.element_size(), w_EDF.shape[-1] * x_ND.element_size())
+    dtype_ok = x_ND.device.type == "cpu" or x_ND.dtype == torch.bfloat16
+    return dtype_ok and all(b % 16 == 0 for b in row_bytes)
+
+
+def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm`` where supported, else a loop over the segments (one host sync)."""
+    if grouped_mm_supported(x_ND, w_EDF):
+        return torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offs_E)
+    ends = offs_E.tolist()
+    out_NF = x_ND.new_zeros(x_ND.shape[0], w_EDF.shape[-1])
+    start = 0
+    for e, end in enumerate(ends):
+        out_NF[start:end] = x_ND[start:end] @ w_EDF[e].to(x_ND.dtype)
+        start = end
+    return out_NF
+
+
+def _combine(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Sum weighted assignment outputs per token without atomics (bitwise deterministic)."""
+    T, D = routing.num_tokens, out_AD.shape[-1]
+    if routing.layout == "token":
+        return out_AD.view(T, routing.slots_per_token, D).sum(1)
+    y_TD = out_AD.new_zeros(T, D)
+    for block_CD, tokens_C in zip(out_AD.split(routing.slots_per_token), routing.token_A.split(routing.slots_per_token)):
+        y_TD = y_TD.index_add(0, tokens_C, block_CD)  # tokens distinct within one expert's block
+    return y_TD
+
+
+def _weighted(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    keep_A1 = routing.keep_A.unsqueeze(-1)
+    return torch.where(keep_A1, out_AD, 0) * routing.weight_A.to(out_AD.dtype).unsqueeze(-1)
+
+
+def _buffer_capacity(routing: Routing) -> int:
+    return routing.capacity if routing.capacity is not None else max(1, int(routing.kept_per_expert_E.max()))
+
+
+def run_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(routing.num_experts):
+        sel = torch.nonzero((routing.expert_A == e) & routing.keep_A).squeeze(-1)
+        tokens = routing.token_A[sel]
+        out = experts.one(x_TD[tokens], e) * routing.weight_A[sel].to(x_TD.dtype).unsqueeze(-1)
+        y_TD = y_TD.index_add(0, tokens, out)
+    return y_TD
+
+
+def run_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    T, E, C = routing.num_tokens, routing.num_experts, _buffer_capacity(routing)
+    flat_A = torch.where(routing.keep_A, (routing.token_A * E + routing.expert_A) * C + routing.slot_A, T * E * C)
+    dispatch_TEC = x_TD.new_zeros(T * E * C + 1).index_put((flat_A,), routing.keep_A.to(x_TD.dtype))
+    combine_TEC = x_TD.new_zeros(T * E * C + 1).index_put((flat_A,), routing.weight_A.to(x_TD.dtype))
+    dispatch_TEC = dispatch_TEC[:-1].view(T, E, C)
+    combine_TEC = combine_TEC[:-1].view(T, E, C)
+    out_ECD = experts.batched(torch.einsum("tec,td->ecd", dispatch_TEC, x_TD))
+    return torch.einsum("tec,ecd->td", combine_TEC, out_ECD)
+
+
+def run_padded(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    E, C, D = routing.num_experts, _buffer_capacity(routing), x_TD.shape[-1]
+    row_A = torch.where(routing.keep_A, routing.expert_A * C + routing.slot_A, E * C)  # E*C: trash row
+    buf_RD = x_TD.new_zeros(E * C + 1, D).index_put((row_A,), x_TD[routing.token_A])
+    out_ECD = experts.batched(buf_RD[:-1].view(E, C, D))
+    out_AD = torch.cat([out_ECD.reshape(E * C, D), out_ECD.new_zeros(1, D)])[row_A]
+    return _combine(_weighted(out_AD, routing), routing)
+
+
+def run_grouped(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    E = routing.num_experts
+    sort_key_A = torch.where(routing.keep_A, routing.expert_A, E)  # dropped assignments sort last
+    order_N = torch.sort(sort_key_A, stable=True).indices
+    offs_E = torch.cumsum(routing.kept_per_expert_E, 0).to(torch.int32)
+    # rows past offs[-1] (dropped) get undefined values and gradients: mask them out on both sides
+    x_ND = torch.where(routing.keep_A[order_N].unsqueeze(-1), x_TD[routing.token_A[order_N]], 0)
+    out_ND = experts.grouped(x_ND, offs_E)
+    out_AD = torch.empty_like(out_ND).index_copy(0, order_N, out_ND)
+    return _combine(_weighted(out_AD, routing), routing)
+
+
+BACKEND_FNS = {"loop": run_loop, "einsum": run_einsum, "padded": run_padded, "grouped": run_grouped}

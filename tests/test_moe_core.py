@@ -1,0 +1,366 @@
+"""Proof that the routers, capacity rules and dispatch backends compute what ARCHITECTURE.md says.
+
+Oracles: an independent per-token reference written from the router definitions (no shared code
+with moe_core.routing), and the four backends (loop, GShard einsum, padded, grouped) on the same
+routing, outputs and gradients, CPU float32.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_core import ROUTERS, MoEConfig, MoEFeedForward
+from moe_core.dispatch import BACKEND_FNS
+from moe_core.model import DenseFeedForward
+from moe_core.routing import hash_table
+
+VOCAB = 37
+BACKENDS = list(BACKEND_FNS)
+
+
+def make_layer(router, *, E=4, k=2, cf=1.0, D=12, F_=20, seed=0, **kw):
+    torch.manual_seed(seed)
+    k = 1 if router == "top1" else k
+    cfg = MoEConfig(dim=D, hidden=F_, num_experts=E, top_k=k, router=router, capacity_factor=cf,
+                    hash_vocab_size=VOCAB, **kw)
+    return MoEFeedForward(cfg)
+
+
+def reference_forward(layer, x_TD, ids_T):
+    """Per-token, per-expert reference built only from the written semantics."""
+    cfg = layer.cfg
+    T, E, k = x_TD.shape[0], cfg.num_experts, cfg.top_k
+    w = layer.experts
+
+    def expert(e, v):
+        return F.gelu(v @ w.w1_EDF[e]) @ w.w2_EFD[e]
+
+    if cfg.router == "hash":
+        table = torch.as_tensor(hash_table(VOCAB, E, k, cfg.hash_seed))
+        choices = [[(int(e), 1.0 / k) for e in table[int(ids_T[t])]] for t in range(T)]
+        probs = None
+    else:
+        logits = x_TD @ layer.router.weight_ED.t()
+        probs = torch.softmax(logits, -1)
+    if cfg.router == "expert_choice":
+        C = min(T, math.ceil(cfg.capacity_factor * T * k / E))
+        y = torch.zeros_like(x_TD)
+        for e in range(E):
+            for t in torch.topk(probs[:, e], C).indices.tolist():
+                y[t] = y[t] + probs[t, e] * expert(e, x_TD[t])
+        return y
+    if cfg.router != "hash":
+        choices = []
+        for t in range(T):
+            top = torch.topk(probs[t], k).indices.tolist()
+            if cfg.router == "top1":
+                ws = [probs[t, top[0]]]
+            elif cfg.router == "topk_hard":
+                ws = [1.0 / k + probs[t, e] - probs[t, e].detach() for e in top]
+            else:
+                ws = list(torch.softmax(logits[t, top], -1))
+            choices.append(list(zip(top, ws)))
+    C = None if cfg.capacity_factor is None else math.ceil(cfg.capacity_factor * T * k / E)
+    used = [0] * E
+    y = torch.zeros_like(x_TD)
+    for t in range(T):  # token order: earlier tokens (and, within a token, earlier slots) win
+        for e, wt in choices[t]:
+            if C is not None and used[e] >= C:
+                continue
+            used[e] += 1
+            y[t] = y[t] + wt * expert(e, x_TD[t])
+    return y
+
+
+def grads(layer, x, ids, backend):
+    layer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    layer.backend = backend
+    y, stats = layer(x, ids)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    named = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad.clone(), named
+
+
+GRID = [  # (T, D, E, k, CF)
+    (16, 8, 4, 2, 1.0),
+    (13, 12, 3, 2, 1.25),
+    (21, 10, 5, 3, 0.5),
+    (30, 6, 7, 2, 2.0),
+    (9, 12, 6, 1, None),
+    (17, 8, 4, 2, None),
+]
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("T,D,E,k,cf", GRID)
+def test_backends_and_reference_agree(router, T, D, E, k, cf):
+    if router == "expert_choice" and cf is None:
+        pytest.skip("expert choice always has a capacity")
+    layer = make_layer(router, E=E, k=k, cf=cf, D=D, F_=2 * D + (4 if D % 4 == 0 else 3), seed=T)
+    x = torch.randn(T, D)
+    ids = torch.randint(0, VOCAB, (T,))
+    ref = reference_forward(layer, x, ids)
+    base_y, base_gx, base_gp = grads(layer, x, ids, "loop")
+    torch.testing.assert_close(base_y, ref.detach(), rtol=1e-5, atol=1e-5)
+    for backend in BACKENDS[1:]:
+        y, gx, gp = grads(layer, x, ids, backend)
+        torch.testing.assert_close(y, base_y, rtol=1e-5, atol=1e-5, msg=f"{backend} output")
+        torch.testing.assert_close(gx, base_gx, rtol=1e-5, atol=1e-5, msg=f"{backend} grad x")
+        assert gp.keys() == base_gp.keys()
+        for name in gp:
+            torch.testing.assert_close(gp[name], base_gp[name], rtol=1e-5, atol=1e-5, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capacity_hand_case_order_and_score(backend):
+    """E=2, k=1, T=4, CF=1 -> C=2. All four tokens pick expert 0: tokens 2, 3 drop (order policy);
+    with the score policy the two highest-probability tokens survive."""
+    for policy, survivors in (("order", {0, 1}), ("score", {1, 3})):
+        layer = make_layer("top1", E=2, k=1, cf=1.0, D=2, F_=4, drop_policy=policy)
+        layer.backend = backend
+        with torch.no_grad():
+            layer.router.weight_ED.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        x = torch.tensor([[1.0, 0.5], [3.0, 0.1], [0.5, 0.2], [2.0, -0.3]])  # logit_0 = x[:, 0] > 0
+        y, stats = layer(x)
+        dropped = {t for t in range(4) if t not in survivors}
+        for t in dropped:
+            assert torch.equal(y[t], torch.zeros(2)), f"dropped token {t} must leave the layer as exactly 0"
+        for t in survivors:
+            assert y[t].abs().sum() > 0
+        assert stats.drop_rate.item() == pytest.approx(0.5)
+        assert stats.token_drop_rate.item() == pytest.approx(0.5)
+        assert stats.tokens_per_expert.tolist() == [4.0, 0.0]
+        assert stats.load_cv.item() == pytest.approx(1.0)
+        assert stats.max_vio.item() == pytest.approx(1.0)
+
+
+def test_capacity_k2_partial_drop_is_not_a_token_drop():
+    """k=2, E=2: every token uses both experts, C = ceil(0.5*4*2/2) = 2 -> tokens 2, 3 lose both."""
+    layer = make_layer("softk", E=2, k=2, cf=0.5, D=4, F_=6)
+    y, stats = layer(torch.randn(4, 4))
+    assert stats.drop_rate.item() == pytest.approx(0.5)
+    assert stats.token_drop_rate.item() == pytest.approx(0.5)
+    assert torch.equal(y[2:], torch.zeros(2, 4))
+    layer = make_layer("softk", E=4, k=2, cf=0.5, D=4, F_=6)  # C = 1 per expert
+    with torch.no_grad():  # token 0 -> experts {0,1}, token 1 -> {1,2}: token 1 keeps expert 2 only
+        layer.router.weight_ED.copy_(torch.tensor([[4.0, 0, 0, 0], [3.0, 3.0, 0, 0], [0, 4.0, 0, 0], [-9.0, -9, 0, 0]]))
+    y, stats = layer(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    assert stats.drop_rate.item() == pytest.approx(0.25)
+    assert stats.token_drop_rate.item() == 0.0
+    assert y[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["top1", "topk_hard", "softk"])
+def test_dropless_drops_nothing(router):
+    layer = make_layer(router, E=4, cf=None)
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+        layer.router.weight_ED[0, 0] = 50.0  # everything wants expert 0
+    x = torch.randn(40, 12).abs()
+    y, stats = layer(x)
+    assert stats.drop_rate.item() == 0.0 and stats.token_drop_rate.item() == 0.0
+    assert stats.tokens_per_expert[0].item() == 40
+    assert stats.max_vio.item() > 0
+
+
+def test_renormalize_restores_gate_mass_of_survivors():
+    layer = make_layer("softk", E=4, k=2, cf=0.5, D=4, F_=6, renormalize=True)
+    with torch.no_grad():
+        layer.router.weight_ED.copy_(torch.tensor([[4.0, 0, 0, 0], [3.0, 3.0, 0, 0], [0, 4.0, 0, 0], [-9.0, -9, 0, 0]]))
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    routing, _, _ = layer.router(x, None)
+    w = routing.weight_A.view(2, 2)
+    assert routing.keep_A.tolist() == [True, True, True, False]  # token 1: expert 2 kept, expert 1 full
+    torch.testing.assert_close(w.sum(-1), torch.ones(2))  # softk weights sum to 1 after renormalising
+    assert w[1, 1].item() == 0.0 and w[1, 0].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("router", ["top1", "topk_hard", "softk", "expert_choice"])
+def test_gradient_reaches_router(router):
+    layer = make_layer(router, E=4, cf=1.25)
+    layer.train()
+    y, stats = layer(torch.randn(24, 12))
+    y.pow(2).sum().backward()
+    assert layer.router.weight_ED.grad is not None
+    assert layer.router.weight_ED.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["top1", "topk_hard", "softk"])
+def test_aux_and_z_loss_are_differentiable(router):
+    layer = make_layer(router, E=4, cf=1.0)
+    _, stats = layer(torch.randn(24, 12))
+    assert stats.aux_loss.item() > 0 and stats.z_loss.item() > 0
+    (g_aux,) = torch.autograd.grad(stats.aux_loss, layer.router.weight_ED, retain_graph=True)
+    (g_z,) = torch.autograd.grad(stats.z_loss, layer.router.weight_ED)
+    assert g_aux.abs().sum() > 0 and g_z.abs().sum() > 0
+
+
+def test_aux_loss_formula_and_uniform_value():
+    """aux = alpha * E * sum f_e P_e; with uniform routing f_e = P_e = 1/E it equals alpha."""
+    layer = make_layer("softk", E=4, k=2, cf=None)
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+    _, stats = layer(torch.randn(32, 12))
+    counts = stats.tokens_per_expert
+    f = counts / counts.sum()
+    assert stats.aux_loss.item() == pytest.approx(0.01 * 4 * (f * 0.25).sum().item(), rel=1e-5)
+    assert stats.z_loss.item() == pytest.approx(1e-3 * math.log(4) ** 2, rel=1e-5)
+    assert stats.gate_entropy.item() == pytest.approx(math.log(4), rel=1e-5)
+
+
+def test_hash_router_balanced_distinct_untrainable():
+    for E, V in ((4, 37), (7, 100)):
+        counts = torch.bincount(torch.as_tensor(hash_table(V, E, 1, 3)).view(-1), minlength=E)
+        assert counts.max() - counts.min() <= 1
+    table = torch.as_tensor(hash_table(100, 8, 3, 5))
+    assert all(len(set(row.tolist())) == 3 for row in table)
+    counts = torch.bincount(table.view(-1), minlength=8)
+    assert counts.max() - counts.min() <= 1
+    assert not torch.equal(table, torch.as_tensor(hash_table(100, 8, 3, 6)))  # the seed matters
+    layer = make_layer("hash", E=4, k=2, cf=None)
+    assert list(layer.router.parameters()) == []
+    _, stats = layer(torch.randn(10, 12), torch.randint(0, VOCAB, (10,)))
+    assert torch.isnan(stats.gate_entropy) and stats.aux_loss.item() == 0.0
+    with pytest.raises(ValueError, match="token_ids"):
+        layer(torch.randn(10, 12))
+
+
+@pytest.mark.parametrize("router", ["top1", "topk_hard", "softk", "hash"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_expert_equals_dense_ffn(router, backend):
+    cfg = MoEConfig(dim=12, hidden=20, num_experts=1, top_k=1, router=router, capacity_factor=None,
+                    backend=backend, hash_vocab_size=VOCAB)
+    layer = MoEFeedForward(cfg)
+    dense = DenseFeedForward(12, 20, "gelu")
+    with torch.no_grad():
+        dense.w1_DF.copy_(layer.experts.w1_EDF[0])
+        dense.w2_FD.copy_(layer.experts.w2_EFD[0])
+    x = torch.randn(3, 5, 12)
+    y, _ = layer(x, torch.randint(0, VOCAB, (3, 5)))
+    torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_experts_match_dense():
+    cfg = MoEConfig(dim=8, hidden=16, num_experts=1, top_k=1, router="softk", capacity_factor=None,
+                    activation="swiglu")
+    layer, dense = MoEFeedForward(cfg), DenseFeedForward(8, 16, "swiglu")
+    with torch.no_grad():
+        dense.w1_DF.copy_(layer.experts.w1_EDF[0])
+        dense.w2_FD.copy_(layer.experts.w2_EFD[0])
+        dense.w3_DF.copy_(layer.experts.w3_EDF[0])
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(layer(x)[0], dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_choice_noncausal_in_training_causal_in_eval():
+    layer = make_layer("expert_choice", E=4, k=2, cf=1.0)
+    x = torch.randn(16, 12)
+    x_future = x.clone()
+    x_future[-1] = 10 * torch.randn(12)  # a very different last (future) token
+    layer.train()
+    y_a, _ = layer(x)
+    y_b, _ = layer(x_future)
+    assert not torch.allclose(y_a[:-1], y_b[:-1]), "expert choice reads future tokens in training mode"
+    layer.eval()
+    y_a, stats = layer(x)
+    y_b, _ = layer(x_future)
+    torch.testing.assert_close(y_a[:-1], y_b[:-1], rtol=0, atol=0)
+    assert stats.drop_rate.item() == 0.0
+
+
+def test_expert_choice_capacity_and_token_drop():
+    layer = make_layer("expert_choice", E=4, k=1, cf=0.5)  # C = ceil(0.5*16*1/4) = 2 -> <= 8 tokens served
+    layer.train()
+    routing, _, _ = layer.router(torch.randn(16, 12), None)
+    assert routing.capacity == 2 and routing.token_A.numel() == 8
+    _, stats = layer(torch.randn(16, 12))
+    assert stats.token_drop_rate.item() >= 0.5
+    assert stats.load_cv.item() == 0.0
+
+
+def test_aux_free_bias_moves_toward_balance():
+    layer = make_layer("softk", E=4, k=1, cf=None, aux_free_bias=True, bias_update_rate=0.01)
+    with torch.no_grad():
+        layer.router.weight_ED.zero_()
+        layer.router.weight_ED[0, 0] = 5.0
+    layer.train()
+    x = torch.randn(64, 12).abs()
+    first = layer(x)[1].max_vio.item()
+    for _ in range(60):
+        last = layer(x)[1].max_vio.item()
+    assert layer.router.bias_E[0] < 0 < layer.router.bias_E[1:].max()
+    assert last < first
+    layer.eval()
+    before = layer.router.bias_E.clone()
+    layer(x)
+    assert torch.equal(before, layer.router.bias_E), "the bias only updates in training"
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_deterministic_bitwise(router):
+    def run():
+        layer = make_layer(router, E=5, k=2, cf=1.25, seed=7)
+        torch.manual_seed(1)
+        x = torch.randn(33, 12, requires_grad=True)
+        y, _ = layer(x, torch.arange(33) % VOCAB)
+        y.sum().backward()
+        return y, x.grad, [p.grad for p in layer.parameters()]
+
+    (y1, g1, p1), (y2, g2, p2) = run(), run()
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_router_logits_float32_under_autocast():
+    layer = make_layer("softk", E=4)
+    x = torch.randn(8, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.router.logits(x)
+        y, _ = layer(x)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(router="nope"), "router"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=9, num_experts=8), "top_k"),
+    (dict(router="top1", top_k=2), "top_k"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(router="expert_choice", capacity_factor=None), "capacity_factor"),
+    (dict(num_experts=0), "num_experts"),
+    (dict(dim=0), "dim"),
+    (dict(backend="cuda_magic"), "backend"),
+    (dict(drop_policy="random"), "drop_policy"),
+    (dict(activation="relu6"), "activation"),
+    (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
+    (dict(router="hash", aux_free_bias=True), "aux_free_bias"),
+    (dict(ec_eval="sometimes"), "ec_eval"),
+])
+def test_invalid_moe_config_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        MoEConfig(**kwargs)
+
+
+def test_router_aliases():
+    assert MoEConfig(router="expert-choice", capacity_factor=1.0).router == "expert_choice"
+    assert MoEConfig(router="TopK-Hard").router == "topk_hard"
+    assert set(ROUTERS) >= {"top1", "topk_hard", "softk", "hash", "expert_choice"}
+
+
+def test_grouped_backend_uses_grouped_gemm_when_aligned(monkeypatch):
+    calls = []
+    real = torch._grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    layer = make_layer("softk", E=4, k=2, cf=1.0, D=8, F_=20)  # 32- and 80-byte rows: aligned
+    layer.backend = "grouped"
+    layer(torch.randn(16, 8))
+    assert len(calls) == 2  # up- and down-projection
