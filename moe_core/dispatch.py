@@ -64,7 +64,12 @@ def grouped_mm_supported(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 
 
 def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """``torch._grouped_mm`` where supported, else a loop over the segments (one host sync)."""
+    """``torch._grouped_mm`` where supported, else a loop over the segments (one host sync).
+
+    Autocast does not cover ``_grouped_mm``, so under CUDA autocast the operands are cast here.
+    """
+    if x_ND.is_cuda and torch.is_autocast_enabled("cuda"):
+        x_ND = x_ND.to(torch.get_autocast_dtype("cuda"))
     if grouped_mm_supported(x_ND, w_EDF):
         return torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offs_E)
     ends = offs_E.tolist()
