@@ -50,13 +50,19 @@ def capacity_for(capacity_factor: float | None, num_tokens: int, top_k: int, num
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
+def expert_counts(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert. Unlike ``torch.bincount``, no host sync on CUDA (and exact: integers)."""
+    ones_A = torch.ones_like(expert_A)
+    return torch.zeros(num_experts, dtype=expert_A.dtype, device=expert_A.device).index_add_(0, expert_A, ones_A)
+
+
 def assign_slots(expert_A: torch.Tensor, priority_A: torch.Tensor | None, num_experts: int,
                  capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each assignment's position among those of its expert, and whether it fits in capacity.
 
     Assignments compete in index order (earlier wins) or, with ``priority_A``, larger priority first
     with ties in index order. Stable sorts on device: no host synchronisation.
-    Returns (slot_A, keep_A, kept_per_expert_E).
+    Returns (slot_A, keep_A, counts_E) with counts_E the assignments per expert before capacity.
     """
     num_assign = expert_A.numel()
     order_A = torch.arange(num_assign, device=expert_A.device)
@@ -64,14 +70,12 @@ def assign_slots(expert_A: torch.Tensor, priority_A: torch.Tensor | None, num_ex
         order_A = torch.sort(priority_A.detach(), descending=True, stable=True).indices
     by_expert = torch.sort(expert_A[order_A], stable=True)
     sorted_A = order_A[by_expert.indices]
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    counts_E = expert_counts(expert_A, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted = torch.arange(num_assign, device=expert_A.device) - starts_E[by_expert.values]
     slot_A = torch.empty_like(rank_sorted).scatter_(0, sorted_A, rank_sorted)
-    if capacity is None:
-        return slot_A, torch.ones_like(expert_A, dtype=torch.bool), counts_E
-    keep_A = slot_A < capacity
-    return slot_A, keep_A, counts_E.clamp(max=capacity)
+    keep_A = torch.ones_like(expert_A, dtype=torch.bool) if capacity is None else slot_A < capacity
+    return slot_A, keep_A, counts_E
 
 
 @lru_cache(maxsize=32)
@@ -172,17 +176,17 @@ class Router(torch.nn.Module):
         expert_A = expert_TK.reshape(-1)
         weight_A = weight_TK.reshape(-1).float()
         priority = weight_A if cfg.drop_policy == "score" else None
-        slot_A, keep_A, kept_E = assign_slots(expert_A, priority, cfg.num_experts, capacity)
+        slot_A, keep_A, counts_E = assign_slots(expert_A, priority, cfg.num_experts, capacity)
         weight_A = weight_A * keep_A
         if cfg.renormalize and capacity is not None:
             kept_TK = weight_A.view(num_tokens, top_k)
             total_T = weight_TK.float().sum(-1, keepdim=True)
             weight_A = (kept_TK * total_T / kept_TK.sum(-1, keepdim=True).clamp_min(1e-9)).reshape(-1)
         token_A = torch.arange(num_tokens, device=expert_A.device).repeat_interleave(top_k)
+        kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
         return Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A, keep_A=keep_A, slot_A=slot_A,
-                       tokens_per_expert_E=torch.bincount(expert_A, minlength=cfg.num_experts).float(),
-                       kept_per_expert_E=kept_E, capacity=capacity, num_tokens=num_tokens,
-                       num_experts=cfg.num_experts, layout="token", slots_per_token=top_k)
+                       tokens_per_expert_E=counts_E.float(), kept_per_expert_E=kept_E, capacity=capacity,
+                       num_tokens=num_tokens, num_experts=cfg.num_experts, layout="token", slots_per_token=top_k)
 
     def _expert_choice(self, probs_TE: torch.Tensor) -> Routing:
         cfg = self.cfg
