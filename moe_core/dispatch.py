@@ -97,7 +97,8 @@ def _weighted(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
     return torch.where(keep_A1, out_AD, 0) * routing.weight_A.to(out_AD.dtype).unsqueeze(-1)
 
 
-def _buffer_capacity(routing: Routing) -> int:
+def buffer_capacity(routing: Routing) -> int:
+    """Rows per expert of the [E, C, D] buffer: C, or the fullest expert when dropless (host sync)."""
     return routing.capacity if routing.capacity is not None else max(1, int(routing.kept_per_expert_E.max()))
 
 
@@ -112,7 +113,7 @@ def run_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Te
 
 
 def run_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
-    T, E, C = routing.num_tokens, routing.num_experts, _buffer_capacity(routing)
+    T, E, C = routing.num_tokens, routing.num_experts, buffer_capacity(routing)
     flat_A = torch.where(routing.keep_A, (routing.token_A * E + routing.expert_A) * C + routing.slot_A, T * E * C)
     dispatch_TEC = x_TD.new_zeros(T * E * C + 1).index_put((flat_A,), routing.keep_A.to(x_TD.dtype))
     combine_TEC = x_TD.new_zeros(T * E * C + 1).index_put((flat_A,), routing.weight_A.to(x_TD.dtype))
@@ -123,11 +124,15 @@ def run_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.
 
 
 def run_padded(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
-    E, C, D = routing.num_experts, _buffer_capacity(routing), x_TD.shape[-1]
+    E, C, D = routing.num_experts, buffer_capacity(routing), x_TD.shape[-1]
     row_A = torch.where(routing.keep_A, routing.expert_A * C + routing.slot_A, E * C)  # E*C: trash row
     buf_RD = x_TD.new_zeros(E * C + 1, D).index_put((row_A,), x_TD[routing.token_A])
     out_ECD = experts.batched(buf_RD[:-1].view(E, C, D))
-    out_AD = torch.cat([out_ECD.reshape(E * C, D), out_ECD.new_zeros(1, D)])[row_A]
+    # Dropped assignments read some real row (masked to 0 by _weighted) rather than one shared trash
+    # row: the backward of this gather accumulates per row, and thousands of duplicates of one row
+    # serialise it (87% of GPU time at CF=1 under skewed routing, found by the capacity bench).
+    spread_A = torch.arange(row_A.numel(), device=row_A.device) % (E * C)
+    out_AD = out_ECD.reshape(E * C, D)[torch.where(routing.keep_A, row_A, spread_A)]
     return _combine(_weighted(out_AD, routing), routing)
 
 

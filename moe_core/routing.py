@@ -138,16 +138,19 @@ class Router(torch.nn.Module):
                                                                                      torch.Tensor | None]:
         """Returns (routing, logits_TE or None, probs_TE or None)."""
         cfg = self.cfg
-        num_tokens = x_TD.shape[0]
         if cfg.router == "hash":
             if token_ids_T is None:
                 raise ValueError("token_ids: the hash router needs the token ids of x")
-            if token_ids_T.numel() != num_tokens:
-                raise ValueError(f"token_ids: {token_ids_T.numel()} ids for {num_tokens} tokens")
+            if token_ids_T.numel() != x_TD.shape[0]:
+                raise ValueError(f"token_ids: {token_ids_T.numel()} ids for {x_TD.shape[0]} tokens")
             expert_TK = self.hash_table_VK[token_ids_T.reshape(-1)]
             weight_TK = torch.full(expert_TK.shape, 1.0 / cfg.top_k, device=x_TD.device)
             return self._token_choice(expert_TK, weight_TK, cfg.capacity_factor), None, None
-        logits_TE = self.logits(x_TD)
+        return self.route(self.logits(x_TD))
+
+    def route(self, logits_TE: torch.Tensor) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+        """Route given float32 router logits (every router but hash): (routing, logits_TE, probs_TE)."""
+        cfg = self.cfg
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if cfg.router == "expert_choice":
             if self.training or self.ec_eval == "noncausal":
