@@ -97,6 +97,15 @@ def _weighted(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
     return torch.where(keep_A1, out_AD, 0) * routing.weight_A.to(out_AD.dtype).unsqueeze(-1)
 
 
+def _assignment_inputs(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """x of each assignment, [A, D]. Token-major layout is a broadcast, whose backward is a sum over
+    K instead of an accumulating scatter."""
+    if routing.layout == "token":
+        K = routing.slots_per_token
+        return x_TD.unsqueeze(1).expand(-1, K, -1).reshape(-1, x_TD.shape[-1])
+    return x_TD[routing.token_A]
+
+
 def buffer_capacity(routing: Routing) -> int:
     """Rows per expert of the [E, C, D] buffer: C, or the fullest expert when dropless (host sync)."""
     return routing.capacity if routing.capacity is not None else max(1, int(routing.kept_per_expert_E.max()))
@@ -126,7 +135,7 @@ def run_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.
 def run_padded(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
     E, C, D = routing.num_experts, buffer_capacity(routing), x_TD.shape[-1]
     row_A = torch.where(routing.keep_A, routing.expert_A * C + routing.slot_A, E * C)  # E*C: trash row
-    buf_RD = x_TD.new_zeros(E * C + 1, D).index_put((row_A,), x_TD[routing.token_A])
+    buf_RD = x_TD.new_zeros(E * C + 1, D).index_put((row_A,), _assignment_inputs(x_TD, routing))
     out_ECD = experts.batched(buf_RD[:-1].view(E, C, D))
     # Dropped assignments read some real row (masked to 0 by _weighted) rather than one shared trash
     # row: the backward of this gather accumulates per row, and thousands of duplicates of one row
