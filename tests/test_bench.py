@@ -1,0 +1,221 @@
+"""moe_core.bench: its drop statistics are moe_core's own, its traffic count is right on a hand case,
+its routing sources behave (skew drops more, dropless drops nothing, a checkpoint's router logits
+are the model's), the CLI refuses bad arguments before any work and writes its records, and the
+join with Experiment A parses run records. CPU, float32; timings are run but never asserted."""
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from moe_core import MoEConfig, MoEFeedForward, ModelConfig, TinyMoEModel
+from moe_core import bench
+from moe_core.data import DataConfig, load_data
+
+CKPT_E = 4  # experts of the self-built checkpoint; the CLI test asks for E=8 elsewhere to see the override
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint.pt shaped like moe_core.train's ({"model", "config"}), built here from an
+    untrained TinyMoEModel so the test does not depend on training."""
+    root = tmp_path_factory.mktemp("ckpt")
+    config = {"dim": 32, "layers": 2, "heads": 4, "hidden": 48, "num_experts": CKPT_E, "top_k": 2,
+              "router": "softk", "capacity_factor": 1.25, "corpus": "synthetic", "tokenizer": "char",
+              "seq_len": 32, "cache_dir": str(root / "cache"), "data_seed": 0, "seed": 7}
+    torch.manual_seed(0)
+    model = TinyMoEModel(ModelConfig(vocab_size=64, seq_len=32, dim=32, layers=2, heads=4,
+                                     moe=MoEConfig(dim=32, hidden=48, num_experts=CKPT_E, top_k=2)))
+    path = root / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": config, "step": 0}, path)
+    return path, model, config
+
+
+@pytest.mark.parametrize("router", ["softk", "topk_hard", "top1"])
+@pytest.mark.parametrize("cf", [0.5, 1.0, None])
+def test_capacity_metrics_equal_layer_stats(router, cf):
+    torch.manual_seed(0)
+    k = 1 if router == "top1" else 2
+    cfg = MoEConfig(dim=16, hidden=24, num_experts=6, top_k=k, router=router, capacity_factor=cf,
+                    router_init_std=1.0)  # large logits: unbalanced, so CF < 1.25 drops
+    layer = MoEFeedForward(cfg)
+    x_TD = torch.randn(96, 16)
+    _, stats = layer(x_TD)
+    got = bench.capacity_metrics(layer.router.logits(x_TD), cfg)
+    for name in ("drop_rate", "token_drop_rate", "load_cv", "max_vio"):
+        assert got[name] == pytest.approx(float(getattr(stats, name)), abs=1e-7), name
+    routing, _ = bench.route_logits(layer.router.logits(x_TD), cfg)
+    assert torch.equal(routing.keep_A, layer.router(x_TD, None)[0].keep_A)
+    if cf == 0.5:
+        assert got["drop_rate"] > 0
+
+
+def test_dropless_drops_nothing_where_cf1_drops():
+    logits_TE = bench.synthetic_logits(bench.RoutingSource.parse("skewed:2"), 1, 512, 8, seed=0)[0]
+    dropless = bench.capacity_metrics(logits_TE, MoEConfig(dim=4, num_experts=8, top_k=2, capacity_factor=None))
+    capped = bench.capacity_metrics(logits_TE, MoEConfig(dim=4, num_experts=8, top_k=2, capacity_factor=1.0))
+    assert dropless["drop_rate"] == 0 and dropless["token_drop_rate"] == 0
+    assert capped["drop_rate"] > 0.3
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_skewed_drops_more_than_random_at_cf1(k):
+    cfg = MoEConfig(dim=4, num_experts=8, top_k=k, capacity_factor=1.0)
+
+    def mean_drop(spec):
+        logits_NTE = bench.synthetic_logits(bench.RoutingSource.parse(spec), 3, 2048, 8, seed=0)
+        return sum(bench.capacity_metrics(lg, cfg)["drop_rate"] for lg in logits_NTE) / 3
+
+    random, skewed = mean_drop("random"), mean_drop("skewed:1.0")
+    assert 0 < random < 0.1  # i.i.d. logits: only sampling noise overflows
+    assert skewed > random + 0.2
+
+
+def test_routing_source_specs():
+    assert bench.RoutingSource.parse("skewed") == bench.RoutingSource("skewed", zipf_s=1.0)
+    assert bench.RoutingSource.parse("skewed:0.5").name == "skewed:0.5"
+    assert bench.RoutingSource.parse("checkpoint:a/b.pt").path == "a/b.pt"
+    for bad in ("zipf", "skewed:x", "skewed:-1", "random:3"):
+        with pytest.raises(ValueError, match="routing source"):
+            bench.RoutingSource.parse(bad)
+
+
+def test_dispatch_bytes_hand_case():
+    """T=4 tokens, D=8, E=2, k=1, CF=1 -> C=2: tokens 0-2 pick expert 0 (token 2 dropped), token 3
+    expert 1. Padded moves an [E*C=4, D] buffer: 2*(T + R)*D*4 bytes of activations = 512, plus
+    the routing tensors read once: token, expert, slot (3 x 4 x int64 = 96), keep (4 x bool = 4),
+    weight (4 x float32 = 16) = 116."""
+    logits_TE = torch.tensor([[5.0, 0.0], [5.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    routing, _ = bench.route_logits(logits_TE, MoEConfig(dim=8, num_experts=2, top_k=1, capacity_factor=1.0))
+    assert routing.keep_A.tolist() == [True, True, False, True]
+    assert bench.routing_bytes(routing) == 116
+    assert [bench.buffer_rows(routing, b) for b in ("padded", "einsum", "grouped", "loop")] == [4, 4, 4, 3]
+    assert bench.dispatch_combine_bytes(4, 8, rows=4, elem_bytes=4, index_bytes=116) == 628
+
+
+def test_timer_rotates_inputs_and_counts_calls():
+    seen = []
+    ms = bench.time_median_ms(seen.append, ["a", "b", "c"], torch.device("cpu"), warmup=2, repeats=20)
+    assert ms >= 0 and len(seen) == 22
+    assert seen[:5] == ["a", "b", "a", "b", "c"]  # warm-up, then the timed calls restart the rotation
+
+
+def test_checkpoint_logits_are_the_models(checkpoint):
+    path, model, config = checkpoint
+    logits_LTE = bench.router_logits_from_checkpoint(path, 100)
+    assert logits_LTE.shape == (2, 100, CKPT_E)
+    # independent recomputation of layer 0 on the first validation window (which starts at token 0)
+    data = load_data(DataConfig(corpus="synthetic", tokenizer="char", seq_len=32, cache_dir=config["cache_dir"]))
+    idx_1S = torch.as_tensor(data.val_T[:32].astype("int64"))[None]
+    with torch.no_grad():
+        x = model.tok_emb(idx_1S) + model.pos_emb(torch.arange(32))
+        block = model.blocks[0]
+        h = x + block.attn(block.ln1(x))
+        expected_SE = block.ffn.router.logits(block.ln2(h)[0])
+    torch.testing.assert_close(logits_LTE[0, :32], expected_SE)
+    with pytest.raises(ValueError, match="fewer than"):
+        bench.router_logits_from_checkpoint(path, 10**7)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["capacity", "--set", "sources=[random,bogus]"], "unknown routing source 'bogus'"),
+    (["capacity", "--set", "capacity_factors=[1.0,0]"], "capacity_factor"),
+    (["capacity", "--set", "top_k=[16]"], "top_k=16 exceeds num_experts"),
+    (["capacity", "--set", "sources=[checkpoint]", "--checkpoint", "missing/checkpoint.pt"], "checkpoint not found"),
+    (["capacity", "--set", "sources=[checkpoint]"], "needs a path"),
+    (["all", "--set", "experts_typo=[8]"], "unknown key"),
+    (["layer", "--set", "backends=[fast]"], "backends"),
+])
+def test_cli_bad_arguments_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert bench.main([*args, "--device", "cpu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_cli_small_writes_records(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    shape = "{tokens: 128, dim: 16, hidden: 32, experts: 4, top_k: 2}"
+    rc = bench.main(["all", "--small", "--device", "cpu", "--out", str(out), "--checkpoint", str(checkpoint[0]),
+                     "--set", "sources=[random,checkpoint]", "--set", "experts=[8]", "--set", "top_k=[2]",
+                     "--set", "capacity_factors=[1.0,null]", "--set", f"shapes=[{shape}]",
+                     "--set", "backends=[padded,grouped]"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "== capacity" in stdout and "== layer" in stdout
+    rows = [json.loads(line) for line in (out / "capacity.jsonl").read_text().splitlines()]
+    assert [(r["source"], r["num_experts"], r["cf_label"]) for r in rows] == [
+        ("random", 8, "1"), ("random", 8, "dropless"), ("checkpoint", CKPT_E, "1"), ("checkpoint", CKPT_E, "dropless")]
+    assert all(r["status"] == "ok" and r["dispatch_ms"] > 0 and r["layer_tokens_per_s"] > 0 for r in rows)
+    assert rows[2]["logit_sets"] == 2  # one per MoE layer of the checkpoint
+    assert all(r["drop_rate"] == 0 for r in rows if r["cf_label"] == "dropless")
+    assert len(pd.read_csv(out / "capacity.csv")) == 4
+    (layer_json,) = out.glob("layer_*.json")
+    record = json.loads(layer_json.read_text())
+    assert record["peak_flops"] is None and [r["backend"] for r in record["rows"]] == ["padded", "grouped"]
+    assert all(r["moe_over_dense"] > 0 and r["moe_train_flops"] > r["dense_train_flops"] for r in record["rows"])
+
+
+def test_params_yaml_loads_and_small_sections_are_the_defaults(checkpoint):
+    for name in bench.BENCHES:
+        small = bench.load_config(name, small=True, device="cpu", overrides={})
+        assert small == bench.BENCHES[name].config(device="cpu")
+    grid = bench.load_config("capacity", small=False, device="cpu", overrides={"checkpoint": str(checkpoint[0])})
+    assert (grid.tokens, grid.experts, grid.top_k) == (32768, [8, 64, 128], [1, 2, 4])
+    assert grid.capacity_factors == [1.0, 1.1, 1.25, 1.5, 2.0, None]
+    assert [s.name for s in grid.parsed_sources()] == ["random", "skewed:1", "checkpoint"]
+
+
+@pytest.fixture
+def fake_experiment_a_runs(tmp_path):
+    """A tiny runs/experiment_a tree in the shape moe_core.train writes: a fixture of the join's
+    parsing, not study results. Two ok runs, a dense baseline, and two broken run directories."""
+    def run(name, config, summary):
+        d = tmp_path / "experiment_a" / name
+        d.mkdir(parents=True)
+        if config is not None:
+            (d / "config.json").write_text(json.dumps({"config": config, "seed": 0}))
+        if summary is not None:
+            (d / "summary.json").write_text(json.dumps(summary))
+
+    base = {"num_experts": 8, "top_k": 2, "router": "softk", "ffn": "moe"}
+    run("softk_cf1.0", {**base, "capacity_factor": 1.0},
+        {"status": "ok", "best_val_loss": 1.0, "median_tokens_per_s": 1000.0})
+    run("softk_dropless", {**base, "capacity_factor": None},
+        {"status": "ok", "best_val_loss": 2.0, "median_tokens_per_s": 800.0})
+    run("dense", {**base, "ffn": "dense", "capacity_factor": 1.25},
+        {"status": "ok", "best_val_loss": 1.5, "median_tokens_per_s": 1200.0})
+    run("no_summary", {**base, "capacity_factor": 1.0}, None)
+    (tmp_path / "experiment_a" / "unreadable").mkdir()
+    (tmp_path / "experiment_a" / "unreadable" / "summary.json").write_text("{not json")
+    (tmp_path / "experiment_a" / "unreadable" / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_join_with_training_parses_runs(fake_experiment_a_runs):
+    bench_df = pd.DataFrame([
+        {"source": "random", "num_experts": 8, "top_k": 2, "capacity_factor": 1.0, "drop_rate": 0.04,
+         "token_drop_rate": 0.01, "dispatch_tokens_per_s": 1e6, "layer_tokens_per_s": 1e5},
+        {"source": "random", "num_experts": 8, "top_k": 2, "capacity_factor": 1.0, "drop_rate": 0.06,
+         "token_drop_rate": 0.03, "dispatch_tokens_per_s": 3e6, "layer_tokens_per_s": 3e5},
+        {"source": "random", "num_experts": 8, "top_k": 2, "capacity_factor": float("nan"), "drop_rate": 0.0,
+         "token_drop_rate": 0.0, "dispatch_tokens_per_s": 5e5, "layer_tokens_per_s": 5e4},
+        {"source": "random", "num_experts": 64, "top_k": 2, "capacity_factor": 1.0, "drop_rate": 0.5,
+         "token_drop_rate": 0.2, "dispatch_tokens_per_s": 1.0, "layer_tokens_per_s": 1.0},
+    ])
+    joined = bench.join_with_training(bench_df, fake_experiment_a_runs).set_index("run")
+    assert list(joined.reset_index().columns) == bench.JOIN_COLUMNS
+    assert sorted(joined.index) == ["dense", "softk_cf1.0", "softk_dropless"]
+    cf1 = joined.loc["softk_cf1.0"]
+    assert cf1.best_val_ppl == pytest.approx(math.e) and cf1.train_tokens_per_s == 1000.0
+    assert cf1.drop_rate == pytest.approx(0.05) and cf1.layer_tokens_per_s == pytest.approx(2e5)  # repeats averaged
+    dropless = joined.loc["softk_dropless"]
+    assert dropless.cf_label == "dropless" and dropless.drop_rate == 0.0 and dropless.best_val_ppl == pytest.approx(math.e ** 2)
+    assert joined.loc["dense"].router == "dense" and math.isnan(joined.loc["dense"].drop_rate)
+
+
+def test_join_with_training_without_runs_is_empty_with_columns(tmp_path):
+    empty = bench.join_with_training(pd.DataFrame(), tmp_path)
+    assert empty.empty and list(empty.columns) == bench.JOIN_COLUMNS
