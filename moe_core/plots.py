@@ -1,0 +1,270 @@
+"""Altair chart builders for the paper's figures, one theme, and ``save`` to PNG + SVG + PDF.
+
+Why one module: every figure shares one geometry (single-column figures about 3.3 in wide: a plot
+area of PLOT_WIDTH points plus axes, legends stacked below; the faceted routing_stats and capacity_*
+figures span the page, figure*), the same router colours (Okabe-Ito, colour-blind
+safe, fixed per router so a router looks the same in every figure) and units on every axis. The
+builders take the frames of moe_core.results; they compute nothing but plot geometry.
+
+Rendering is offline through vl-convert (no browser); the theme is applied at render time, so a
+builder's chart stays composable (concat, layer) before ``save``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import vl_convert
+
+from .results import LABELS, TRAINED_SOURCE, cf_order_value
+
+# Okabe & Ito (2008), "Color universal design": distinguishable under the common colour-vision
+# deficiencies. Yellow last: it is faint on white.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#F0E442")
+LABEL_COLORS = dict(zip(LABELS, ("#E69F00", "#56B4E9", "#0072B2", "#009E73", "#D55E00", "#000000")))
+PLOT_WIDTH, PLOT_HEIGHT = 190, 120  # points (PDF/SVG units): with axes, ~3.3 in, one paper column
+SMALL_WIDTH, SMALL_HEIGHT = 120, 85  # one panel of a faceted (page-wide) figure
+PNG_SCALE = 3  # PNG pixels per point: ~216 dpi, sharp on slides
+FORMATS = ("png", "svg", "pdf")
+THEME = {
+    "font": "Helvetica, Arial, sans-serif",
+    "view": {"stroke": None},
+    "axis": {"labelFontSize": 8, "titleFontSize": 8, "titleFontWeight": "normal", "gridColor": "#e5e5e5",
+             "domainColor": "#777777", "tickColor": "#777777", "labelColor": "#222222", "titleColor": "#222222"},
+    "header": {"labelFontSize": 8, "titleFontSize": 8, "titleFontWeight": "normal"},
+    "legend": {"orient": "bottom", "columns": 2, "labelFontSize": 8, "titleFontSize": 8, "titleFontWeight": "normal",
+               "symbolSize": 40, "symbolOpacity": 1, "labelLimit": 180,  # not a band's faded fill
+               "layout": {"bottom": {"direction": "vertical", "anchor": "start"}}},  # legends stacked: narrow
+    "title": {"fontSize": 9, "fontWeight": "normal", "anchor": "start", "subtitleFontSize": 7},
+    "line": {"strokeWidth": 1.5},
+    "point": {"size": 24, "filled": True},
+    "range": {"category": list(OKABE_ITO)},
+}
+CF_SHAPES = {"1": "circle", "1.25": "square", "1.5": "diamond", "2": "triangle-down", "dropless": "triangle-up"}
+STAT_UNITS = {"drop_rate": "drop rate (fraction of assignments)",
+              "load_cv": "load CV (std/mean of tokens per expert)",
+              "gate_entropy": "gate entropy (nats)"}
+
+
+# -- encodings --------------------------------------------------------------------------------------
+def _label_color(frame: pd.DataFrame, field: str = "label", title: str = "router") -> alt.Color:
+    """Routers in LABELS order with their fixed colours; anything else takes the next Okabe-Ito colour."""
+    present = [v for v in frame[field].dropna().unique()]
+    domain = [v for v in LABELS if v in present] + sorted(v for v in present if v not in LABELS)
+    spare = iter(c for c in OKABE_ITO if c not in LABEL_COLORS.values())
+    colors = [LABEL_COLORS.get(v) or next(spare, "#999999") for v in domain]
+    return alt.Color(f"{field}:N", title=title, scale=alt.Scale(domain=domain, range=colors))
+
+
+def _cf_domain(values) -> list[str]:
+    return sorted({v for v in values if isinstance(v, str)}, key=cf_order_value)
+
+
+def _with_variant(frame: pd.DataFrame) -> pd.DataFrame:
+    """``variant``: 'CF 1.25', 'dropless' or 'dense FFN', one legend for line dash / point shape."""
+    variant = [("dense FFN" if lab == "dense" else "dropless" if cf == "dropless" else f"CF {cf}")
+               for lab, cf in zip(frame["label"], frame["cf_label"])]
+    return frame.assign(variant=variant)
+
+
+def _variant_domain(frame: pd.DataFrame) -> list[str]:
+    return sorted(frame["variant"].unique(), key=lambda v: cf_order_value(v.removeprefix("CF ")) if v != "dense FFN"
+                  else float("inf"))
+
+
+def _band(frame: pd.DataFrame, mean: str, spread: str) -> pd.DataFrame:
+    """``lo``/``hi`` = mean -/+ spread (0 where there is no spread: one seed)."""
+    half = frame[spread].fillna(0.0)
+    return frame.assign(lo=frame[mean] - half, hi=frame[mean] + half)
+
+
+def _column_figure(layers: list, title: str, subtitle: str) -> alt.LayerChart:
+    """Layers as one single-column figure with a title and a subtitle that says what the marks show."""
+    return alt.layer(*layers).properties(width=PLOT_WIDTH, height=PLOT_HEIGHT,
+                                         title=alt.Title(title, subtitle=subtitle))
+
+
+# -- Experiment A -----------------------------------------------------------------------------------
+def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
+    """Throughput vs best validation perplexity per config (results.run_table), 95% CI bars over
+    seeds on both axes, the Pareto front as a dashed step, the dense baseline labelled."""
+    df = _with_variant(_band(_band(table, "best_val_ppl_mean", "best_val_ppl_ci95")
+                             .rename(columns={"lo": "y_lo", "hi": "y_hi"}),
+                             "median_tokens_per_s_mean", "median_tokens_per_s_ci95"))
+    x = alt.X("median_tokens_per_s_mean:Q", title="training throughput (tokens/s, median)",
+              scale=alt.Scale(zero=False, nice=False, padding=8))
+    y = alt.Y("best_val_ppl_mean:Q", title="best validation perplexity (per token)",
+              scale=alt.Scale(zero=False, nice=False, padding=8))
+    color = _label_color(df)
+    domain = _variant_domain(df)
+    shape = alt.Shape("variant:N", title="capacity", scale=alt.Scale(
+        domain=domain, range=[CF_SHAPES.get(v.removeprefix("CF "), "cross") if v != "dense FFN" else "cross"
+                              for v in domain]))
+    base = alt.Chart(df)
+    front = base.transform_filter("datum.pareto").mark_line(interpolate="step-after", strokeDash=[3, 2],
+                                                            color="#999999", strokeWidth=1).encode(
+        x=x, y=y, order="median_tokens_per_s_mean:Q")
+    layers = [
+        front,
+        base.mark_rule(strokeWidth=1).encode(x=x, y="y_lo:Q", y2="y_hi:Q", color=color),
+        base.mark_rule(strokeWidth=1).encode(x="lo:Q", x2="hi:Q", y=y, color=color),
+        base.mark_point(size=40, filled=True, opacity=1).encode(x=x, y=y, color=color, shape=shape,
+                                                                tooltip=["name", "n_runs"]),
+        base.transform_filter("datum.label == 'dense'").mark_text(align="left", dx=6, fontSize=8).encode(
+            x=x, y=y, text=alt.value("dense")),
+    ]
+    return _column_figure(layers, "Throughput vs. perplexity", "mean ± 95% CI over seeds; dashed: Pareto front")
+
+
+def training_curve_chart(curve: pd.DataFrame) -> alt.LayerChart:
+    """Validation loss vs training tokens (results.curves): a line per config, band ±1 s.d. over seeds."""
+    df = _with_variant(_band(curve.dropna(subset=["val_loss_mean"]), "val_loss_mean", "val_loss_std"))
+    x = alt.X("tokens:Q", title="training tokens", axis=alt.Axis(format="~s"))
+    color = _label_color(df)
+    dash = alt.StrokeDash("variant:N", title="capacity", sort=_variant_domain(df))
+    band = alt.Chart(df).mark_area(opacity=0.18).encode(x=x, y="lo:Q", y2="hi:Q", color=color, detail="name:N")
+    line = alt.Chart(df).mark_line().encode(
+        x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
+        color=color, strokeDash=dash, detail="name:N", tooltip=["name", "step", "val_loss_mean"])
+    return _column_figure([band, line], "Training curves", "mean over seeds, band ±1 s.d.")
+
+
+def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT_UNITS)) -> alt.FacetChart:
+    """Routing statistics (means over each eval interval's training steps) vs step, per config;
+    one panel per statistic, its unit in the panel header. The dense baseline has none."""
+    cols = [f"{s}_mean" for s in stats if f"{s}_mean" in curve]
+    moe = _with_variant(curve[curve["label"] != "dense"])
+    long = moe.melt(id_vars=["name", "label", "variant", "step"], value_vars=cols, var_name="stat",
+                    value_name="value").dropna(subset=["value"])
+    long["stat"] = long["stat"].str.removesuffix("_mean").map(STAT_UNITS)
+    return alt.Chart(long).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        x=alt.X("step:Q", title="training step", axis=alt.Axis(tickMinStep=1)), y=alt.Y("value:Q", title=None),
+        color=_label_color(long), strokeDash=alt.StrokeDash("variant:N", title="capacity",
+                                                            sort=_variant_domain(long) if len(long) else None),
+        detail="name:N",
+    ).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
+        column=alt.Column("stat:N", title=None, sort=[STAT_UNITS[s] for s in stats]),
+    ).resolve_scale(y="independent").properties(title=alt.Title(
+        "Routing statistics during training", subtitle="mean over each eval interval and seeds"))
+
+
+def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.LayerChart:
+    """Validation loss vs training FLOPs (tokens x train FLOPs per token), so k=1 and k=2 compare
+    at equal compute; a vertical rule at the iso-FLOP budget of results.loss_at_flops."""
+    df = _with_variant(curve.dropna(subset=["val_loss_mean", "train_flops"]))
+    x = alt.X("train_flops:Q", title="training compute (FLOPs; G = 1e9, T = 1e12, P = 1e15)",
+              scale=alt.Scale(type="log", nice=False, padding=6), axis=alt.Axis(format="~s", tickCount=5))
+    lines = alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+        x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
+        color=_label_color(df), strokeDash=alt.StrokeDash("variant:N", title="capacity", sort=_variant_domain(df)),
+        detail="name:N", tooltip=["name", "train_flops", "val_loss_mean"])
+    layers = [lines]
+    if budget is not None and budget == budget:
+        layers.append(alt.Chart(pd.DataFrame({"budget": [budget]})).mark_rule(strokeDash=[2, 2], color="#777777")
+                      .encode(x="budget:Q"))
+    return _column_figure(layers, "Iso-FLOP comparison", "mean over seeds; dotted: common budget")
+
+
+# -- Experiment B -----------------------------------------------------------------------------------
+def _source_color(frame: pd.DataFrame) -> alt.Color:
+    """Bench logit sources in black and greys (a checkpoint's in purple); trained routers from
+    Experiment A in their router colours, as in every other figure."""
+    sources = list(frame["source"].dropna().unique())
+    bench = sorted(s for s in sources if not s.startswith(TRAINED_SOURCE))
+    trained = sorted(s for s in sources if s.startswith(TRAINED_SOURCE))
+    greys = iter(("#000000", "#8c8c8c", "#c0c0c0", "#595959"))
+    colors = ["#CC79A7" if s == "checkpoint" else next(greys, "#999999") for s in bench]
+    colors += [LABEL_COLORS.get(s.removeprefix(f"{TRAINED_SOURCE}: "), "#F0E442") for s in trained]
+    return alt.Color("source:N", title="routing", scale=alt.Scale(domain=bench + trained, range=colors))
+
+
+def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Title,
+                     ci: bool = False) -> alt.FacetChart:
+    """``y`` vs capacity factor, a panel per E, colour = routing source, dash and shape = k; with
+    ``ci``, rules from ``lo`` to ``hi``."""
+    df = frame.assign(k=frame["top_k"].map(lambda k: f"k={int(k)}"),
+                      experts=frame["num_experts"].map(lambda e: f"E = {int(e)} experts"))
+    x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(df["cf_label"]), axis=alt.Axis(labelAngle=0))
+    color = _source_color(df)
+    layers = [alt.Chart().mark_line(point=alt.OverlayMarkDef(size=18)).encode(
+        x=x, y=y, color=color, strokeDash=alt.StrokeDash("k:N", title="top-k"), shape=alt.Shape("k:N", legend=None),
+        tooltip=["source", "experts", "k", "cf_label", tooltip])]
+    if ci:
+        layers.append(alt.Chart().mark_rule().encode(x=x, y="lo:Q", y2="hi:Q", color=color))
+    experts = sorted(df["experts"].unique(), key=lambda e: int(e.split()[2]))
+    return alt.layer(*layers, data=df).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
+        column=alt.Column("experts:N", title=None, sort=experts)).properties(title=title)
+
+
+def capacity_drop_chart(bench: pd.DataFrame, trained: pd.DataFrame | None = None) -> alt.FacetChart:
+    """Dropped assignments (%) vs capacity factor (results.bench_table), per E and k, for random and
+    skewed logits and, from ``trained`` (results.trained_drop_rates), trained routers."""
+    cols = ["source", "num_experts", "top_k", "cf_label", "drop_rate_mean"]
+    parts = [bench[cols]] + ([trained[cols]] if trained is not None and len(trained) else [])
+    frame = pd.concat(parts, ignore_index=True)
+    frame = frame.assign(drop_pct=100 * frame["drop_rate_mean"])
+    return _capacity_panels(frame, alt.Y("drop_pct:Q", title="dropped assignments (%)"), "drop_pct",
+                            alt.Title("Capacity factor vs. drops",
+                                      subtitle="bench logits; trained: last eval interval"))
+
+
+def capacity_throughput_chart(bench: pd.DataFrame) -> alt.FacetChart:
+    """MoE layer forward + backward throughput (tokens/s) vs capacity factor, 95% CI over bench runs."""
+    frame = _band(bench, "layer_tokens_per_s_mean", "layer_tokens_per_s_ci95")
+    y = alt.Y("layer_tokens_per_s_mean:Q", title="MoE layer fwd+bwd (tokens/s)", scale=alt.Scale(zero=False),
+              axis=alt.Axis(format="~s"))
+    return _capacity_panels(frame, y, "layer_tokens_per_s_mean", alt.Title(
+        "Capacity factor vs. throughput", subtitle="median per bench run; bars: 95% CI over bench runs"), ci=True)
+
+
+def cf_vs_ppl_chart(table: pd.DataFrame) -> alt.VConcatChart:
+    """Experiment A by capacity factor: best perplexity and training tokens/s per router (mean ±
+    95% CI over seeds); the dense baseline as a dashed horizontal line."""
+    moe = table[table["label"] != "dense"]
+    dense = table[table["label"] == "dense"]
+    x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(moe["cf_label"]), axis=alt.Axis(labelAngle=0))
+    color = _label_color(moe)
+
+    def panel(mean: str, title: str, fmt: str | None = None) -> alt.LayerChart:
+        df = _band(moe, f"{mean}_mean", f"{mean}_ci95")
+        y = alt.Y(f"{mean}_mean:Q", title=title, scale=alt.Scale(zero=False),
+                  axis=alt.Axis(format=fmt) if fmt else alt.Axis())
+        layers = [alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=20)).encode(x=x, y=y, color=color,
+                                                                                      tooltip=["name", "n_runs"]),
+                  alt.Chart(df).mark_rule().encode(x=x, y="lo:Q", y2="hi:Q", color=color)]
+        if len(dense):
+            layers.append(alt.Chart(dense).mark_rule(strokeDash=[4, 3], color=LABEL_COLORS["dense"])
+                          .encode(y=f"{mean}_mean:Q"))
+        return alt.layer(*layers).properties(width=PLOT_WIDTH, height=SMALL_HEIGHT)
+
+    return alt.vconcat(panel("best_val_ppl", "best val. perplexity (per token)"),
+                       panel("median_tokens_per_s", "training tokens/s", "~s")).properties(
+        title=alt.Title("Capacity factor in training (Exp. A)", subtitle="mean ± 95% CI over seeds; dashed: dense"))
+
+
+# -- output -----------------------------------------------------------------------------------------
+def render(chart: alt.TopLevelMixin, fmt: str) -> bytes | str:
+    """The chart with THEME as PNG (bytes), SVG (str) or PDF (bytes), rendered offline by vl-convert."""
+    spec = chart.to_json()
+    if fmt == "png":
+        return vl_convert.vegalite_to_png(spec, scale=PNG_SCALE, config=THEME)
+    if fmt == "svg":
+        return vl_convert.vegalite_to_svg(spec, config=THEME)
+    if fmt == "pdf":
+        return vl_convert.vegalite_to_pdf(spec, config=THEME)
+    raise ValueError(f"fmt: unknown {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def save(chart: alt.TopLevelMixin, name: str, figures_dir: str | Path = "figures") -> dict[str, Path]:
+    """Write figures_dir/name.{png,svg,pdf}; returns the paths by format (show the PNG with
+    IPython.display.Image(filename=paths['png']))."""
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for fmt in FORMATS:
+        data = render(chart, fmt)
+        path = out / f"{name}.{fmt}"
+        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        paths[fmt] = path
+    return paths
