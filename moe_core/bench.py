@@ -36,8 +36,9 @@ import torch
 import yaml
 
 from . import runrecord as rr
-from .config import MoEConfig, ModelConfig
+from .config import MoEConfig, ModelConfig, parse_overrides
 from .dispatch import BACKEND_FNS, buffer_capacity
+from .flops import ffn_forward_flops_per_token, peak_flops
 from .model import DenseFeedForward, TinyMoEModel
 from .moe import MoEFeedForward
 from .routing import Router, Routing, capacity_for, routing_metrics
@@ -300,16 +301,6 @@ def fwd_bwd(module: torch.nn.Module) -> Callable:
     return step
 
 
-def layer_train_flops(num_tokens: int, moe: MoEConfig, *, router: bool) -> float:
-    """Nominal forward + backward FLOPs of one FFN layer, moe_core.flops' convention (3 x forward,
-    2mnp per matmul, drops not subtracted): K*F active hidden per token (m = 2 GELU / 3 SwiGLU
-    matrices), plus the router's 2*D*E for the MoE layer. The dense FFN of hidden K*F has
-    ``router=False``: equal active FLOPs by construction."""
-    mats = 3 if moe.activation == "swiglu" else 2
-    per_token = 2 * moe.dim * moe.top_k * moe.hidden * mats + (2 * moe.dim * moe.num_experts if router else 0)
-    return 3.0 * num_tokens * per_token
-
-
 # -- configs ----------------------------------------------------------------------------------------
 @dataclass
 class BenchConfig:
@@ -540,18 +531,17 @@ def run_layer(cfg: LayerBenchConfig, out_dir: str | Path | None = None) -> "pd.D
     dev, dtype, timing = cfg.torch_device, cfg.torch_dtype, {"warmup": cfg.warmup, "repeats": cfg.repeats}
     peak, peak_source = None, "cpu: no peak, MFU not reported"
     if dev.type == "cuda":
-        from .train import peak_flops  # the one definition of the peak MFU divides by
 
         peak, peak_source = peak_flops(dev)
     rows = []
     for i, (shape, moe) in enumerate(zip(cfg.shapes, cfg.moe_configs())):
         torch.manual_seed(cfg.seed)
         inputs = _inputs(cfg, shape["tokens"], shape["dim"], offset=i)
-        flops = layer_train_flops(shape["tokens"], moe, router=True)
+        flops = 3.0 * shape["tokens"] * ffn_forward_flops_per_token(moe)
         with dev:
             dense = DenseFeedForward(moe.dim, moe.top_k * moe.hidden, moe.activation).to(dtype)
         dense_ms = _guarded(lambda: {"ms": time_median_ms(fwd_bwd(dense), inputs, dev, **timing)}).get("ms", math.nan)
-        dense_flops = layer_train_flops(shape["tokens"], moe, router=False)
+        dense_flops = 3.0 * shape["tokens"] * ffn_forward_flops_per_token(moe, router=False)
         del dense
         with dev:
             layer = MoEFeedForward(moe).to(dtype)
@@ -700,17 +690,6 @@ def load_config(name: str, *, small: bool, device: str, overrides: dict, params:
         raise ValueError(f"{params}: no mapping {section!r}")
     own = {f.name for f in fields(cls)}
     return cls.from_dict({**values, **{k: v for k, v in overrides.items() if k in own}, "device": device})
-
-
-def parse_overrides(items: Sequence[str]) -> dict:
-    """``key=value`` strings -> {key: value parsed as YAML} (``--set`` of the CLIs)."""
-    overrides = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        overrides[key] = yaml.safe_load(text)
-    return overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:

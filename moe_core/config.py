@@ -24,6 +24,20 @@ def canonical_router(name: str) -> str:
     return key
 
 
+def parse_overrides(items, text_fields=()) -> dict:
+    """``key=value`` strings (the CLIs' ``--set``) -> {key: value parsed as YAML}; keys in
+    ``text_fields`` keep the raw text (``run=001`` is a name, not the number 1)."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        overrides[key] = text if key in text_fields else yaml.safe_load(text)
+    return overrides
+
+
 def _check(ok: bool, name: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {msg}")

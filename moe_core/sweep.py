@@ -190,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.params.is_file():
             raise ValueError(f"{args.params}: no such params file")
-        sets = {}
-        for item in args.sets:
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set {item!r}: expected key=value")
-            sets[key] = yaml.safe_load(text)
+        sets = TrainConfig.parse_overrides(args.sets)
         spec = yaml.safe_load(args.params.read_text())
         experiment, runs = expand(spec, sets, str(args.params))
         notebook = Path(spec.get("notebook", DEFAULT_NOTEBOOK))

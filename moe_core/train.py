@@ -39,9 +39,9 @@ import yaml
 from tqdm import tqdm
 
 from . import runrecord as rr
-from .config import MoEConfig, ModelConfig, canonical_router
+from .config import MoEConfig, ModelConfig, canonical_router, parse_overrides
 from .data import DataConfig, load_data
-from .flops import train_flops_per_token
+from .flops import peak_flops, train_flops_per_token
 from .model import TinyMoEModel
 
 STAT_FIELDS = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy")
@@ -168,15 +168,13 @@ class TrainConfig:
             values = yaml.safe_load(Path(path).read_text()) or {}
             if not isinstance(values, dict):
                 raise ValueError(f"{path}: expected a flat mapping of TrainConfig fields")
+        return cls.from_dict({**values, **cls.parse_overrides(overrides)})
+
+    @classmethod
+    def parse_overrides(cls, items: typing.Iterable[str]) -> dict:
+        """``key=value`` strings parsed as YAML, except str fields (run=001 is a name, not a number)."""
         hints = typing.get_type_hints(cls)
-        for item in overrides:
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set {item!r}: expected key=value")
-            value = yaml.safe_load(text)
-            # run=001 or experiment=2024 mean the text, not a number
-            values[key] = text if hints.get(key) is str and not isinstance(value, str) else value
-        return cls.from_dict(values)
+        return parse_overrides(items, text_fields={k for k, t in hints.items() if t is str})
 
     @classmethod
     def from_namespace(cls, namespace: dict, before: typing.Iterable[str]) -> TrainConfig:
@@ -296,30 +294,6 @@ def _setup_dist(cfg: TrainConfig) -> _Dist:
     if cuda:
         torch.cuda.set_device(device)
     return _Dist(rank, world, device, owns)
-
-
-@cache
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """The FLOP/s that MFU divides by: an 8192^3 bf16 matmul measured once on this GPU (the
-    achievable dense peak, below the datasheet's); None on CPU, where MFU is not reported."""
-    if device.type != "cuda":
-        return None, "cpu: no peak, MFU not reported"
-    n, iters, repeats = 8192, 10, 5
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(10):  # clocks up, cuBLAS heuristics chosen
-        a @ b
-    best_ms = math.inf
-    for _ in range(repeats):  # the best of several timings: stable across runs
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            a @ b
-        end.record()
-        end.synchronize()
-        best_ms = min(best_ms, start.elapsed_time(end))
-    flops = 2 * n**3 * iters / (best_ms / 1e3)
-    return flops, (f"measured: {n}^3 bf16 torch.matmul, best of {repeats} x {iters} "
-                   f"on {torch.cuda.get_device_name(device)}")
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
