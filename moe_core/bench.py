@@ -587,6 +587,59 @@ def _record(cfg: BenchConfig, rows: list[dict], out_dir: str | Path | None, extr
     return pd.DataFrame(rows)
 
 
+@dataclass
+class TrainBenchConfig(BenchConfig):
+    """Training tokens/s of the real trainer (moe_core.train: AdamW, bf16 autocast on CUDA, grad
+    clipping, routing stats) per batch size x dispatch backend x compile mode, on the synthetic
+    char corpus. tokens/s is the trainer's own: timed training steps only, median over intervals."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    backends: list[str] = field(default_factory=lambda: ["padded"])
+    compile_modes: list[str] = field(default_factory=lambda: ["none"])  # none | a torch.compile mode
+    model: dict = field(default_factory=lambda: {"dim": 32, "layers": 2, "heads": 2, "hidden": 64,
+                                                 "num_experts": 4, "top_k": 2, "router": "softk", "seq_len": 32})
+    steps: int = 12
+    intervals: int = 3  # tokens/s is the median over these; the first holds warm-up and compilation
+
+    SECTION = "train"
+
+    def train_configs(self, out_dir: str) -> list:
+        from .train import TrainConfig
+
+        return [TrainConfig(**self.model, batch_size=b, backend=backend, compile=mode != "none",
+                            compile_mode="default" if mode == "none" else mode, steps=self.steps,
+                            warmup=min(10, self.steps), eval_interval=max(1, self.steps // self.intervals),
+                            eval_windows=4, synthetic_chars=200_000, progress=False, seed=self.seed,
+                            device=str(self.torch_device), experiment="bench_train", out_dir=out_dir,
+                            run=f"b{b}_{backend}_{mode}")
+                for b in self.batch_sizes for backend in self.backends for mode in self.compile_modes]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.train_configs("unused")
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}.{err}") from None
+
+
+def run_train(cfg: TrainBenchConfig, out_dir: str | Path | None = None) -> "pd.DataFrame":
+    import tempfile
+
+    from .train import train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for tcfg in cfg.train_configs(runs_dir):
+            summary = train(tcfg).summary
+            tok_s = summary["median_tokens_per_s"]
+            rows.append({"batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "backend": tcfg.backend,
+                         "compile_mode": tcfg.compile_mode if tcfg.compile else "none", "status": summary["status"],
+                         "tokens_per_s": tok_s, "ms_per_step": tcfg.batch_size * tcfg.seq_len / tok_s * 1e3,
+                         "mfu": summary["mfu"], "train_flops_per_token": summary["train_flops_per_token"]})
+    peak, source = peak_flops(cfg.torch_device)
+    return _record(cfg, rows, out_dir, {"peak_flops": peak, "peak_flops_source": source})
+
+
 # -- joining with Experiment A ----------------------------------------------------------------------
 JOIN_COLUMNS = ["run", "status", "router", "num_experts", "top_k", "capacity_factor", "cf_label", "best_val_ppl",
                 "train_tokens_per_s", "source", "drop_rate", "token_drop_rate", "dispatch_tokens_per_s",
@@ -646,6 +699,7 @@ TABLES = {
                  "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac", "layer_ms", "layer_tokens_per_s", "status"],
     "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "backend", "moe_ms", "dense_ms", "moe_over_dense",
               "moe_mfu", "dense_mfu", "status"],
+    "train": ["batch_size", "backend", "compile_mode", "tokens_per_s", "ms_per_step", "mfu", "status"],
 }
 
 
@@ -675,7 +729,8 @@ class Bench(NamedTuple):
     run: Callable  # run(cfg, out_dir) -> DataFrame
 
 
-BENCHES = {"capacity": Bench(CapacityBenchConfig, run_capacity), "layer": Bench(LayerBenchConfig, run_layer)}
+BENCHES = {"capacity": Bench(CapacityBenchConfig, run_capacity), "layer": Bench(LayerBenchConfig, run_layer),
+           "train": Bench(TrainBenchConfig, run_train)}
 """Subcommands; ``all`` runs each. A new benchmark is a config class with a SECTION, a runner and
 an entry here."""
 

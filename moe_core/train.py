@@ -49,6 +49,7 @@ STAT_FIELDS = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", 
 RUN_CONTROL_FIELDS = ("stop_after", "progress", "cache_dir", "out_dir", "experiment", "run")
 FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class TrainConfig:
     seq_len: int = 64
     eval_windows: int = 32
     max_stories: int | None = None
+    synthetic_chars: int = 2_000_000  # size of the synthetic corpus
     data_seed: int = 0  # corpus generation and split; separate from `seed` so seeds share data
     cache_dir: str = ".cache/moe_core"
     # optimisation
@@ -105,6 +107,7 @@ class TrainConfig:
     log_interval: int = 10  # steps between host syncs (progress bar, non-finite check)
     stop_after: int | None = None  # stop (resumably) once this many steps are done
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (GPU)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     seed: int = 0
@@ -123,6 +126,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         _require(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1 or None")
+        _require(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         _require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
                  f"must be one of {', '.join(DEVICES)} or cuda:N")
         for name in ("experiment", "run"):
@@ -200,6 +204,7 @@ class TrainConfig:
     def data_config(self) -> DataConfig:
         return DataConfig(corpus=self.corpus, tokenizer=self.tokenizer, vocab_size=self.bpe_vocab_size,
                           seq_len=self.seq_len, cache_dir=self.cache_dir, max_stories=self.max_stories,
+                          synthetic_chars=self.synthetic_chars,
                           eval_windows=self.eval_windows, seed=self.data_seed)
 
     def identity(self) -> dict:
@@ -582,7 +587,7 @@ class _Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = torch.compile(self.train_model, mode=cfg.compile_mode)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
 
@@ -628,6 +633,8 @@ class _Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = lr_at(cfg, step)
                 x_BS, y_BS = self.data.train_batch(step, self.local_batch, cfg.seed, ctx.rank, ctx.world)
+                if cfg.compile:  # CUDA-graph trees (reduce-overhead) need the step boundary marked
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
                     out = self.train_model(x_BS.to(ctx.device, non_blocking=True),
                                            y_BS.to(ctx.device, non_blocking=True))

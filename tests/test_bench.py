@@ -219,3 +219,14 @@ def test_join_with_training_parses_runs(fake_experiment_a_runs):
 def test_join_with_training_without_runs_is_empty_with_columns(tmp_path):
     empty = bench.join_with_training(pd.DataFrame(), tmp_path)
     assert empty.empty and list(empty.columns) == bench.JOIN_COLUMNS
+
+
+def test_train_bench_runs_the_trainer_and_records_its_tokens_per_s(tmp_path):
+    cfg = bench.load_config("train", small=True, device="cpu", overrides={"steps": 6})
+    df = bench.run_train(cfg, tmp_path)
+    assert list(df["backend"]) == ["padded", "grouped"] and (df["status"] == "ok").all()
+    assert (df["tokens_per_s"] > 0).all()
+    assert df["ms_per_step"].tolist() == pytest.approx((8 * 32 / df["tokens_per_s"] * 1e3).tolist())
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="TrainBenchConfig.*router"):
+        bench.TrainBenchConfig(model={"router": "nope"})
