@@ -594,7 +594,7 @@ class TrainBenchConfig(BenchConfig):
     char corpus. tokens/s is the trainer's own: timed training steps only, median over intervals."""
 
     batch_sizes: list[int] = field(default_factory=lambda: [8])
-    backends: list[str] = field(default_factory=lambda: ["padded"])
+    backends: list[str] = field(default_factory=lambda: ["padded", "grouped"])
     compile_modes: list[str] = field(default_factory=lambda: ["none"])  # none | a torch.compile mode
     model: dict = field(default_factory=lambda: {"dim": 32, "layers": 2, "heads": 2, "hidden": 64,
                                                  "num_experts": 4, "top_k": 2, "router": "softk", "seq_len": 32})
