@@ -83,6 +83,8 @@ def git_commit(cwd: Path | None = None) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("MOE_CORE_COMMIT"):  # a copy of the tree without .git
+        return {"commit": os.environ["MOE_CORE_COMMIT"], "dirty": None, "source": "MOE_CORE_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
