@@ -82,19 +82,22 @@ def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -
 
 
 def _combine(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Sum weighted assignment outputs per token without atomics (bitwise deterministic)."""
+    """y_t = sum of w_a * out_a over token t's assignments, without atomics (bitwise deterministic).
+
+    Dropped assignments have weight 0 and a finite output (every backend computes or reads a real
+    row for them), so no mask is needed: one batched matmul [T, 1, K] x [T, K, D] for token-major
+    layouts; for expert choice, one block per expert (its tokens are distinct, so no collisions).
+    """
     T, D = routing.num_tokens, out_AD.shape[-1]
+    weight_A = routing.weight_A.to(out_AD.dtype)
     if routing.layout == "token":
-        return out_AD.view(T, routing.slots_per_token, D).sum(1)
+        K = routing.slots_per_token
+        return torch.bmm(weight_A.view(T, 1, K), out_AD.view(T, K, D)).view(T, D)
     y_TD = out_AD.new_zeros(T, D)
-    for block_CD, tokens_C in zip(out_AD.split(routing.slots_per_token), routing.token_A.split(routing.slots_per_token)):
-        y_TD = y_TD.index_add(0, tokens_C, block_CD)  # tokens distinct within one expert's block
+    C = routing.slots_per_token
+    for block_CD, w_C, tokens_C in zip(out_AD.split(C), weight_A.split(C), routing.token_A.split(C)):
+        y_TD = y_TD.index_add(0, tokens_C, block_CD * w_C.unsqueeze(-1))
     return y_TD
-
-
-def _weighted(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    keep_A1 = routing.keep_A.unsqueeze(-1)
-    return torch.where(keep_A1, out_AD, 0) * routing.weight_A.to(out_AD.dtype).unsqueeze(-1)
 
 
 def _assignment_inputs(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -108,7 +111,7 @@ def _assignment_inputs(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 def buffer_capacity(routing: Routing) -> int:
     """Rows per expert of the [E, C, D] buffer: C, or the fullest expert when dropless (host sync)."""
-    return routing.capacity if routing.capacity is not None else max(1, int(routing.kept_per_expert_E.max()))
+    return routing.capacity if routing.capacity is not None else max(1, int(routing.counts_E.max()))
 
 
 def run_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
@@ -137,24 +140,23 @@ def run_padded(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.
     row_A = torch.where(routing.keep_A, routing.expert_A * C + routing.slot_A, E * C)  # E*C: trash row
     buf_RD = x_TD.new_zeros(E * C + 1, D).index_put((row_A,), _assignment_inputs(x_TD, routing))
     out_ECD = experts.batched(buf_RD[:-1].view(E, C, D))
-    # Dropped assignments read some real row (masked to 0 by _weighted) rather than one shared trash
-    # row: the backward of this gather accumulates per row, and thousands of duplicates of one row
+    # Dropped assignments read some real row (their weight is 0) rather than one shared trash row:
+    # the backward of this gather accumulates per row, and thousands of duplicates of one row
     # serialise it (87% of GPU time at CF=1 under skewed routing, found by the capacity bench).
     spread_A = torch.arange(row_A.numel(), device=row_A.device) % (E * C)
     out_AD = out_ECD.reshape(E * C, D)[torch.where(routing.keep_A, row_A, spread_A)]
-    return _combine(_weighted(out_AD, routing), routing)
+    return _combine(out_AD, routing)
 
 
 def run_grouped(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
-    E = routing.num_experts
-    sort_key_A = torch.where(routing.keep_A, routing.expert_A, E)  # dropped assignments sort last
-    order_N = torch.sort(sort_key_A, stable=True).indices
-    offs_E = torch.cumsum(routing.kept_per_expert_E, 0).to(torch.int32)
-    # rows past offs[-1] (dropped) get undefined values and gradients: mask them out on both sides
-    x_ND = torch.where(routing.keep_A[order_N].unsqueeze(-1), x_TD[routing.token_A[order_N]], 0)
-    out_ND = experts.grouped(x_ND, offs_E)
+    """Every assignment, dropped ones included, goes through its expert in expert-sorted order (the
+    router's own sort): no host sync, no undefined rows, and a dropped assignment's output is
+    multiplied by its weight 0. Capacity therefore saves no compute here (it does in ``padded``)."""
+    order_N = routing.sorted_A
+    offs_E = torch.cumsum(routing.counts_E, 0).to(torch.int32)
+    out_ND = experts.grouped(x_TD[routing.token_A[order_N]], offs_E)
     out_AD = torch.empty_like(out_ND).index_copy(0, order_N, out_ND)
-    return _combine(_weighted(out_AD, routing), routing)
+    return _combine(out_AD, routing)
 
 
 BACKEND_FNS = {"loop": run_loop, "einsum": run_einsum, "padded": run_padded, "grouped": run_grouped}

@@ -35,7 +35,8 @@ class Routing:
     keep_A: torch.Tensor  # bool, survived capacity
     slot_A: torch.Tensor  # long, position in its expert's buffer (meaningful where keep_A)
     tokens_per_expert_E: torch.Tensor  # float32 assignments per expert before capacity
-    kept_per_expert_E: torch.Tensor  # long, kept assignments per expert (group sizes for grouped GEMM)
+    counts_E: torch.Tensor  # long, the same counts (group sizes of sorted_A)
+    sorted_A: torch.Tensor  # long, assignment indices sorted by expert (stable: token order within one)
     capacity: int | None  # C; None when dropless
     num_tokens: int
     num_experts: int
@@ -56,7 +57,8 @@ def assign_slots(expert_A: torch.Tensor, priority_A: torch.Tensor | None, num_ex
 
     Assignments compete in index order (earlier wins) or, with ``priority_A``, larger priority first
     with ties in index order. Stable sorts on device: no host synchronisation.
-    Returns (slot_A, keep_A, counts_E) with counts_E the assignments per expert before capacity.
+    Returns (slot_A, keep_A, counts_E, sorted_A): counts before capacity, and the assignment
+    indices in expert order (the grouped backend reuses this sort).
     """
     num_assign = expert_A.numel()
     order_A = torch.arange(num_assign, device=expert_A.device)
@@ -72,7 +74,7 @@ def assign_slots(expert_A: torch.Tensor, priority_A: torch.Tensor | None, num_ex
     rank_sorted = torch.arange(num_assign, device=expert_A.device) - starts_E[by_expert.values]
     slot_A = torch.empty_like(rank_sorted).scatter_(0, sorted_A, rank_sorted)
     keep_A = torch.ones_like(expert_A, dtype=torch.bool) if capacity is None else slot_A < capacity
-    return slot_A, keep_A, counts_E
+    return slot_A, keep_A, counts_E, sorted_A
 
 
 @lru_cache(maxsize=32)
@@ -176,16 +178,15 @@ class Router(torch.nn.Module):
         expert_A = expert_TK.reshape(-1)
         weight_A = weight_TK.reshape(-1).float()
         priority = weight_A if cfg.drop_policy == "score" else None
-        slot_A, keep_A, counts_E = assign_slots(expert_A, priority, cfg.num_experts, capacity)
+        slot_A, keep_A, counts_E, sorted_A = assign_slots(expert_A, priority, cfg.num_experts, capacity)
         weight_A = weight_A * keep_A
         if cfg.renormalize and capacity is not None:
             kept_TK = weight_A.view(num_tokens, top_k)
             total_T = weight_TK.float().sum(-1, keepdim=True)
             weight_A = (kept_TK * total_T / kept_TK.sum(-1, keepdim=True).clamp_min(1e-9)).reshape(-1)
         token_A = torch.arange(num_tokens, device=expert_A.device).repeat_interleave(top_k)
-        kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
         return Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A, keep_A=keep_A, slot_A=slot_A,
-                       tokens_per_expert_E=counts_E.float(), kept_per_expert_E=kept_E, capacity=capacity,
+                       tokens_per_expert_E=counts_E.float(), counts_E=counts_E, sorted_A=sorted_A, capacity=capacity,
                        num_tokens=num_tokens, num_experts=cfg.num_experts, layout="token", slots_per_token=top_k)
 
     def _expert_choice(self, probs_TE: torch.Tensor) -> Routing:
@@ -196,10 +197,11 @@ class Router(torch.nn.Module):
         token_A = top.indices.reshape(-1)
         expert_A = torch.arange(num_experts, device=probs_TE.device).repeat_interleave(capacity)
         slot_A = torch.arange(capacity, device=probs_TE.device).repeat(num_experts)
-        kept_E = torch.full((num_experts,), capacity, dtype=torch.long, device=probs_TE.device)
+        counts_E = torch.full((num_experts,), capacity, dtype=torch.long, device=probs_TE.device)
         return Routing(token_A=token_A, expert_A=expert_A, weight_A=top.values.reshape(-1),
                        keep_A=torch.ones_like(token_A, dtype=torch.bool), slot_A=slot_A,
-                       tokens_per_expert_E=kept_E.float(), kept_per_expert_E=kept_E, capacity=capacity,
+                       tokens_per_expert_E=counts_E.float(), counts_E=counts_E,
+                       sorted_A=torch.arange(token_A.numel(), device=token_A.device), capacity=capacity,
                        num_tokens=num_tokens, num_experts=num_experts, layout="expert",
                        slots_per_token=capacity)
 
