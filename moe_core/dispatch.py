@@ -85,14 +85,15 @@ def _combine(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """y_t = sum of w_a * out_a over token t's assignments, without atomics (bitwise deterministic).
 
     Dropped assignments have weight 0 and a finite output (every backend computes or reads a real
-    row for them), so no mask is needed: one batched matmul [T, 1, K] x [T, K, D] for token-major
-    layouts; for expert choice, one block per expert (its tokens are distinct, so no collisions).
+    row for them), so no mask is needed: a weighted sum over K for token-major layouts (elementwise,
+    so torch.compile fuses it; a [T, 1, K] x [T, K, D] bmm was 3x slower on an H100, its backward an
+    outer product); for expert choice, one block per expert (its tokens are distinct: no collisions).
     """
     T, D = routing.num_tokens, out_AD.shape[-1]
     weight_A = routing.weight_A.to(out_AD.dtype)
     if routing.layout == "token":
         K = routing.slots_per_token
-        return torch.bmm(weight_A.view(T, 1, K), out_AD.view(T, K, D)).view(T, D)
+        return (out_AD.view(T, K, D) * weight_A.view(T, K, 1)).sum(1)
     y_TD = out_AD.new_zeros(T, D)
     C = routing.slots_per_token
     for block_CD, w_C, tokens_C in zip(out_AD.split(C), weight_A.split(C), routing.token_A.split(C)):
