@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install smoke test
+.PHONY: install smoke test paper paper-inputs paper-clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,38 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 install: $(VENV)/.installed
 
-# The smoke study: tiny CPU runs of every router on the embedded synthetic corpus, end to end.
+# The smoke study end to end: tiny CPU runs of every router on the embedded synthetic corpus,
+# then the analysis notebook (figures/smoke/, paper/tables/smoke/; all git-ignored).
 smoke: install
 	$(BIN)/python -m moe_core.sweep params/smoke.yaml
+	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb
 
 # Unit tests, then every notebook under nbval.
 test: install
 	$(BIN)/python -m pytest -q tests --nbval notebooks; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi; exit $$rc
+
+# The paper and slides: paper/main.pdf and paper/slides.pdf from the committed generated inputs
+# (figures/, paper/tables/, paper/numbers*.tex). Needs TeX Live and latexmk, not Python; on Debian:
+#   apt-get install -y --no-install-recommends texlive-latex-base texlive-latex-recommended \
+#     texlive-fonts-recommended texlive-pictures latexmk
+TEX_PACKAGES := texlive-latex-base texlive-latex-recommended texlive-fonts-recommended texlive-pictures latexmk
+LATEXMK ?= latexmk
+paper:
+	@command -v $(LATEXMK) >/dev/null || { echo "latexmk not found; install: apt-get install -y --no-install-recommends $(TEX_PACKAGES)" >&2; exit 1; }
+	cd paper && $(LATEXMK) -pdf -interaction=nonstopmode -halt-on-error -file-line-error main.tex slides.tex
+
+# The paper's generated inputs, from run records (EXPERIMENT: smoke now, experiment_a once the H100
+# runs exist) and H100 bench records: figures, tables and number macros. See README "Reproduce the paper".
+EXPERIMENT ?= smoke
+BENCH_DIR ?= runs/benchmarks/h100_20261126
+paper-inputs: install
+	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/$(EXPERIMENT)/analysis_a.ipynb \
+		-p experiment $(EXPERIMENT) -p figures_dir figures -p tables_dir paper/tables -p numbers_path paper/numbers_a.tex
+	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_b.ipynb executed/$(EXPERIMENT)/analysis_b.ipynb \
+		-p experiment $(EXPERIMENT) -p bench_dir $(BENCH_DIR) -p figures_dir figures -p tables_dir paper/tables \
+		-p numbers_path paper/numbers_b.tex
+	$(BIN)/python tools/paper_numbers.py --bench-dir $(BENCH_DIR)
+
+paper-clean:
+	cd paper && $(LATEXMK) -C main.tex slides.tex

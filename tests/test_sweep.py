@@ -10,7 +10,7 @@ from moe_core import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["steps=6", "warmup=1", "eval_interval=3", "eval_windows=4", "batch_size=4", "seq_len=32",
-        "dim=32", "hidden=32"]
+        "dim=32", "hidden=32", "synthetic_chars=60000"]
 
 
 def test_expand_grid_names_and_defaults():
@@ -109,3 +109,14 @@ def test_failing_run_is_recorded_and_others_go_on(tmp_path, monkeypatch):
     assert (tmp_path / "executed/mixed/broken.ipynb").is_file()
     assert json.loads((tmp_path / "runs/mixed/fine/summary.json").read_text())["status"] == "ok"
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_gpu_worker_pool_path_runs_every_run(tmp_path, monkeypatch):
+    """--gpus with two ids takes the worker-pool path (one process per GPU id); on a CPU machine the
+    runs still train, on the CPU, so the pool's bookkeeping is tested here."""
+    monkeypatch.chdir(ROOT)
+    params = tmp_path / "pool.yaml"
+    params.write_text(yaml.safe_dump({"experiment": "pool", "grid": {"router": ["softk", "hash"], "top_k": 2}}))
+    assert _sweep(tmp_path, params, "--gpus", "0,1") == 0
+    for name in ("softk_k2", "hash_k2"):
+        assert json.loads((tmp_path / "runs/pool" / name / "summary.json").read_text())["status"] == "ok"
