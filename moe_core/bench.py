@@ -590,9 +590,11 @@ def _record(cfg: BenchConfig, rows: list[dict], out_dir: str | Path | None, extr
 @dataclass
 class TrainBenchConfig(BenchConfig):
     """Training tokens/s of the real trainer (moe_core.train: AdamW, bf16 autocast on CUDA, grad
-    clipping, routing stats) per batch size x dispatch backend x compile mode, on the synthetic
-    char corpus. tokens/s is the trainer's own: timed training steps only, median over intervals."""
+    clipping, routing stats) per router x batch size x dispatch backend x compile mode, on the
+    synthetic char corpus. tokens/s is the trainer's own: timed training steps only, median over
+    intervals. ``routers`` empty: the model's router only; top1 runs with top_k=1."""
 
+    routers: list[str] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=lambda: [8])
     backends: list[str] = field(default_factory=lambda: ["padded", "grouped"])
     compile_modes: list[str] = field(default_factory=lambda: ["none"])  # none | a torch.compile mode
@@ -606,13 +608,15 @@ class TrainBenchConfig(BenchConfig):
     def train_configs(self, out_dir: str) -> list:
         from .train import TrainConfig
 
-        return [TrainConfig(**self.model, batch_size=b, backend=backend, compile=mode != "none",
-                            compile_mode="default" if mode == "none" else mode, steps=self.steps,
-                            warmup=min(10, self.steps), eval_interval=max(1, self.steps // self.intervals),
-                            eval_windows=4, synthetic_chars=200_000, progress=False, seed=self.seed,
-                            device=str(self.torch_device), experiment="bench_train", out_dir=out_dir,
-                            run=f"b{b}_{backend}_{mode}")
-                for b in self.batch_sizes for backend in self.backends for mode in self.compile_modes]
+        routers = self.routers or [self.model.get("router", "softk")]
+        model = {k: v for k, v in self.model.items() if k != "router"}
+        return [TrainConfig(**{**model, "router": r, **({"top_k": 1} if r == "top1" else {})}, batch_size=b,
+                            backend=backend, compile=mode != "none", compile_mode="default" if mode == "none" else mode,
+                            steps=self.steps, warmup=min(10, self.steps),
+                            eval_interval=max(1, self.steps // self.intervals), eval_windows=4,
+                            synthetic_chars=200_000, progress=False, seed=self.seed, device=str(self.torch_device),
+                            experiment="bench_train", out_dir=out_dir, run=f"{r}_b{b}_{backend}_{mode}")
+                for r in routers for b in self.batch_sizes for backend in self.backends for mode in self.compile_modes]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -632,7 +636,8 @@ def run_train(cfg: TrainBenchConfig, out_dir: str | Path | None = None) -> "pd.D
         for tcfg in cfg.train_configs(runs_dir):
             summary = train(tcfg).summary
             tok_s = summary["median_tokens_per_s"]
-            rows.append({"batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "backend": tcfg.backend,
+            rows.append({"router": tcfg.router, "top_k": tcfg.top_k, "capacity_factor": tcfg.capacity_factor,
+                         "batch_size": tcfg.batch_size, "seq_len": tcfg.seq_len, "backend": tcfg.backend,
                          "compile_mode": tcfg.compile_mode if tcfg.compile else "none", "status": summary["status"],
                          "tokens_per_s": tok_s, "ms_per_step": tcfg.batch_size * tcfg.seq_len / tok_s * 1e3,
                          "mfu": summary["mfu"], "train_flops_per_token": summary["train_flops_per_token"]})
@@ -699,7 +704,8 @@ TABLES = {
                  "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac", "layer_ms", "layer_tokens_per_s", "status"],
     "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "backend", "moe_ms", "dense_ms", "moe_over_dense",
               "moe_mfu", "dense_mfu", "status"],
-    "train": ["batch_size", "backend", "compile_mode", "tokens_per_s", "ms_per_step", "mfu", "status"],
+    "train": ["router", "capacity_factor", "batch_size", "backend", "compile_mode", "tokens_per_s", "ms_per_step", "mfu",
+              "status"],
 }
 
 

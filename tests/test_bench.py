@@ -228,5 +228,8 @@ def test_train_bench_runs_the_trainer_and_records_its_tokens_per_s(tmp_path):
     assert (df["tokens_per_s"] > 0).all()
     assert df["ms_per_step"].tolist() == pytest.approx((8 * 32 / df["tokens_per_s"] * 1e3).tolist())
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 2
+    routers = bench.load_config("train", small=True, device="cpu",
+                                overrides={"routers": ["top1", "hash"], "backends": ["grouped"], "steps": 3})
+    assert [(c.router, c.top_k) for c in routers.train_configs("x")] == [("top1", 1), ("hash", 2)]
     with pytest.raises(ValueError, match="TrainBenchConfig.*router"):
         bench.TrainBenchConfig(model={"router": "nope"})
