@@ -1,0 +1,87 @@
+"""The paper and slides build with `make paper` (latexmk) from the committed generated inputs, in a
+temporary copy of paper/ and figures/: the paper's body runs to at least six pages before the
+references, the slides have 8-12 frames, and neither log reports an undefined reference, citation
+or number macro. Skipped where latexmk is missing (CI installs TeX Live, so there it runs).
+
+Also: the committed number macros of tools/paper_numbers.py are what the script makes from the
+committed bench records and params files (so they were regenerated, not edited)."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEX_INSTALL = ("apt-get install -y --no-install-recommends texlive-latex-base texlive-latex-recommended "
+               "texlive-fonts-recommended texlive-pictures latexmk")
+BUILD_PRODUCTS = ("*.pdf", "*.aux", "*.bbl", "*.blg", "*.fdb_latexmk", "*.fls", "*.log", "*.nav", "*.out",
+                  "*.snm", "*.toc", "*.vrb", "*.synctex.gz")
+UNDEFINED = re.compile(r"(Reference|Citation|Number macro) .*undefined|There were undefined")
+MAX_PRINT_LINE = 79  # TeX wraps log lines at this width
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """`make paper` in a copy of the repository's Makefile, paper/ (sources only) and figures/."""
+    if shutil.which("latexmk") is None:
+        pytest.skip(f"latexmk is not installed, so the paper cannot be built here; on Debian: {TEX_INSTALL}")
+    root = tmp_path_factory.mktemp("paper_build")
+    shutil.copy(ROOT / "Makefile", root / "Makefile")
+    shutil.copytree(ROOT / "paper", root / "paper", ignore=shutil.ignore_patterns(*BUILD_PRODUCTS))
+    shutil.copytree(ROOT / "figures", root / "figures")
+    result = subprocess.run(["make", "-C", str(root), "paper"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"make paper failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return root / "paper"
+
+
+def log_lines(path: Path) -> list[str]:
+    """The log's logical lines: TeX's wrapped lines (exactly MAX_PRINT_LINE long) joined back."""
+    lines, current = [], ""
+    for line in path.read_text(errors="replace").splitlines():
+        current += line
+        if len(line) != MAX_PRINT_LINE:
+            lines.append(current)
+            current = ""
+    return lines + [current] if current else lines
+
+
+def test_pdfs_built(built):
+    for name in ("main.pdf", "slides.pdf"):
+        assert (built / name).stat().st_size > 10_000, name
+
+
+def test_paper_body_at_least_six_pages(built):
+    aux = (built / "main.aux").read_text()
+    match = re.search(r"\\newlabel\{lastbodypage\}\{\{[^{}]*\}\{(\d+)\}", aux)
+    assert match, "main.tex lost \\label{lastbodypage} before the bibliography"
+    assert int(match.group(1)) >= 6, f"body ends on page {match.group(1)}: the paper needs >= 6 pages before references"
+
+
+def test_slides_have_8_to_12_frames(built):
+    nav = (built / "slides.nav").read_text()
+    match = re.search(r"\\inserttotalframenumber\s*\{(\d+)\}", nav)
+    assert match, "beamer wrote no \\inserttotalframenumber"
+    assert 8 <= int(match.group(1)) <= 12, f"{match.group(1)} frames"
+
+
+@pytest.mark.parametrize("name", ["main", "slides"])
+def test_no_undefined_references_citations_or_numbers(built, name):
+    bad = [line for line in log_lines(built / f"{name}.log") if UNDEFINED.search(line)]
+    assert not bad, "\n".join(bad)
+
+
+def test_tool_number_macros_are_regenerated_not_edited(tmp_path):
+    """tools/paper_numbers.py on the bench directories the committed file names reproduces both files."""
+    committed = (ROOT / "paper" / "numbers_bench.tex").read_text()
+    dirs = {}
+    for macro, option in (("BenchDir", "--bench-dir"), ("LatestDir", "--latest-dir")):
+        found = re.search(rf"\\newcommand\{{\\{macro}\}}\{{(.*)\}}", committed)
+        assert found, f"paper/numbers_bench.tex has no \\{macro}"
+        dirs[option] = str(ROOT / "runs" / "benchmarks" / found.group(1).replace("\\_", "_"))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "paper_numbers.py"), *(x for kv in dirs.items() for x in kv),
+                    "--out-dir", str(tmp_path)], check=True, capture_output=True, timeout=60)
+    for name in ("numbers_bench.tex", "numbers_setup.tex"):
+        assert (tmp_path / name).read_text() == (ROOT / "paper" / name).read_text(), \
+            f"paper/{name} differs from what tools/paper_numbers.py writes: rerun it, do not edit the file"

@@ -1,0 +1,191 @@
+"""The paper's number macros that do not come from the analysis notebooks, so that none is typed by hand.
+
+    python tools/paper_numbers.py [--bench-dir runs/benchmarks/<full>] [--latest-dir runs/benchmarks/<newest>]
+
+Writes two files beside the notebooks' numbers_a.tex / numbers_b.tex (and rewrites numbers.tex, which
+inputs them all, through moe_core.results.write_numbers):
+
+- ``numbers_bench.tex``: H100 speed results. From the full-grid bench directory (default: the newest
+  with train, layer and capacity records): train.csv (the real trainer's tokens/s, ms/step, MFU per
+  batch x backend x compile mode), layer.csv (MoE layer vs. a dense FFN of equal active FLOPs, every
+  backend), capacity.csv (dispatch's fraction of copy bandwidth), the run JSON's device, torch version
+  and measured matmul peak. From the latest directory (default: the newest with train and layer
+  records, by run id), the same train and layer cells as ``Latest*`` macros with its commit.
+- ``numbers_setup.tex``: the experiments' setup as the params files state it (params/smoke.yaml,
+  params/experiment_a.yaml expanded by moe_core.sweep; params/experiment_b.yaml), with the training
+  defaults every run inherits from TrainConfig.
+
+Macro names come from moe_core.results.macro_name: ``train b128 padded reduce-overhead mtok s`` becomes
+\\TrainBOneTwoEightPaddedReduceOverheadMtokS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from moe_core import sweep
+from moe_core.bench import cf_label
+from moe_core.results import TeX, format_number, write_numbers
+from moe_core.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP_FIELDS = ("dim", "layers", "heads", "hidden", "num_experts", "top_k", "seq_len", "batch_size", "steps",
+                "warmup", "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval",
+                "eval_windows", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
+
+
+def plain(value) -> TeX:
+    """A setup value as written in a params file, unrounded: 256, 0.001, 1e-05; 32,768 (ints from 10,000)."""
+    if isinstance(value, float):
+        return TeX(f"{value:g}")
+    return TeX(format_number(value) if isinstance(value, int) and value >= 10_000 else str(value))
+
+
+def listing(values) -> TeX:
+    """[1.0, 1.25, None] -> '1, 1.25, dropless' (capacity-factor spelling of the figures)."""
+    return TeX(", ".join(cf_label(v) if v is None or isinstance(v, float) else str(v) for v in values))
+
+
+def setup_numbers(params_dir: Path) -> dict:
+    """Per sweep (smoke, experiment A): the model/optimiser fields shared by its runs, the token budget,
+    run/seed counts and the capacity factors; Experiment B's bench grid."""
+    numbers = {}
+    for key, name in (("smoke", "smoke.yaml"), ("exp a", "experiment_a.yaml")):
+        experiment, runs = sweep.expand(yaml.safe_load((params_dir / name).read_text()), source=name)
+        configs = [TrainConfig.from_dict(run.params) for run in runs]
+        first = configs[0]
+        for field in SETUP_FIELDS:
+            values = {getattr(c, field) for c in configs if c.ffn == "moe" and c.router != "top1"}
+            if len(values) == 1:
+                numbers[f"setup {key} {field}"] = plain(values.pop())
+        numbers |= {
+            f"setup {key} experiment": experiment,
+            f"setup {key} corpus": first.corpus,
+            f"setup {key} tokenizer": first.tokenizer,
+            f"setup {key} runs": len(runs),
+            f"setup {key} seeds": len({c.seed for c in configs}),
+            f"setup {key} tokens per run": first.steps * first.batch_size * first.seq_len,
+            f"setup {key} cfs": listing(sorted({c.capacity_factor for c in configs if c.ffn == "moe"},
+                                               key=lambda v: float("inf") if v is None else v)),
+        }
+        numbers |= {f"setup {key} dense hidden": c.top_k * c.hidden for c in configs if c.ffn == "dense"}
+    bench = yaml.safe_load((params_dir / "experiment_b.yaml").read_text())
+    cap, layer = bench["capacity"], bench["layer"]
+    numbers |= {f"setup cap {k}": plain(cap[k]) for k in ("tokens", "dim", "hidden", "repeats", "warmup", "sets")}
+    numbers |= {"setup cap experts": listing(cap["experts"]), "setup cap top k": listing(cap["top_k"]),
+                "setup cap cfs": listing(cap["capacity_factors"]), "setup layer cf": plain(layer["capacity_factor"]), "setup layer tokens": plain(layer["shapes"][0]["tokens"]),
+                "setup layer dim": plain(layer["shapes"][0]["dim"])}
+    return numbers
+
+
+def _run_json(bench_dir: Path, section: str) -> dict:
+    paths = sorted(bench_dir.glob(f"{section}_*.json"))
+    return json.loads(paths[-1].read_text()) if paths else {}
+
+
+def _run_id(bench_dir: Path, section: str) -> str:
+    """The newest run_id of a section's CSV ('' if absent): run ids start with a UTC timestamp."""
+    path = bench_dir / f"{section}.csv"
+    return str(pd.read_csv(path)["run_id"].max()) if path.exists() else ""
+
+
+def _date(run_id: str) -> str:
+    return f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}"
+
+
+def _train_cells(train: pd.DataFrame, prefix: str) -> dict:
+    """Per batch x backend x compile mode: M tokens/s, ms/step, MFU %; per batch the best of them."""
+    numbers = {}
+    ok = train[train["status"] == "ok"]
+    for row in ok.itertuples():
+        key = f"{prefix}train b{row.batch_size} {row.backend} {row.compile_mode}"
+        numbers |= {f"{key} mtok s": row.tokens_per_s / 1e6, f"{key} ms": row.ms_per_step, f"{key} mfu pct": 100 * row.mfu}
+    for batch, group in ok.groupby("batch_size"):
+        best = group.loc[group["tokens_per_s"].idxmax()]
+        key = f"{prefix}train b{batch} best"
+        numbers |= {f"{key} mtok s": best["tokens_per_s"] / 1e6, f"{key} backend": best["backend"],
+                    f"{key} mode": best["compile_mode"], f"{key} mfu pct": 100 * best["mfu"]}
+    return numbers
+
+
+def _layer_cells(layer: pd.DataFrame, prefix: str) -> dict:
+    """Per layer shape (E, k): F, dense MFU %, and per backend the MoE/dense time ratio and MFU %."""
+    numbers = {}
+    for (experts, top_k), group in layer.groupby(["num_experts", "top_k"], sort=False):
+        shape = f"{prefix}layer e{experts} k{top_k}"
+        numbers |= {f"{shape} hidden": int(group["hidden"].iloc[0]), f"{shape} dense mfu pct": 100 * group["dense_mfu"].iloc[0]}
+        for row in group.itertuples():
+            if row.status == "ok":
+                numbers |= {f"{shape} {row.backend} ratio": row.moe_over_dense, f"{shape} {row.backend} mfu pct": 100 * row.moe_mfu}
+            else:
+                numbers[f"{shape} {row.backend} ratio"] = "out of memory" if row.status == "oom" else row.status
+    return numbers
+
+
+def bench_numbers(bench_dir: Path, latest_dir: Path) -> dict:
+    """H100 speed macros: the full grid of ``bench_dir`` (train with every compile mode, every layer
+    backend, the capacity bench) as ``Bench*``/``TrainB*``/``LayerE*``/``Cap*``, and the newest
+    train and layer records of ``latest_dir`` as ``Latest*`` (each ratio comes from one run)."""
+    train = pd.read_csv(bench_dir / "train.csv")
+    capacity = pd.read_csv(bench_dir / "capacity.csv")
+    record = _run_json(bench_dir, "train")
+    env = record.get("env", {})
+    numbers = {"bench device": str(train["device_name"].iloc[0]), "bench torch": env.get("torch", str(train["torch"].iloc[0])),
+               "bench date": _date(_run_id(bench_dir, "train")), "bench dir": bench_dir.name,
+               "bench dtype": str(train["dtype"].iloc[0])}
+    if record.get("peak_flops"):
+        numbers["bench peak tflops"] = record["peak_flops"] / 1e12
+    model = record.get("config", {}).get("model", {})
+    numbers |= {f"bench train {k}": plain(v) for k, v in model.items() if k != "router"}
+    numbers |= {"bench train steps": plain(record.get("config", {}).get("steps", "n/a"))}
+    numbers |= _train_cells(train, "") | _layer_cells(pd.read_csv(bench_dir / "layer.csv"), "")
+    for batch, group in train[train["status"] == "ok"].groupby("batch_size"):
+        for backend, per in group.groupby("backend"):
+            modes = per.set_index("compile_mode")["ms_per_step"]
+            if {"none", "reduce-overhead"} <= set(modes.index):
+                numbers[f"train b{batch} {backend} graph speedup"] = modes["none"] / modes["reduce-overhead"]
+    bounded = capacity[(capacity["status"] == "ok") & capacity["capacity_factor"].notna()]
+    numbers |= {"cap bw pct min": 100 * bounded["dispatch_bw_frac"].min(), "cap bw pct max": 100 * bounded["dispatch_bw_frac"].max(),
+                "cap copy gbps": float(capacity["copy_gbps"].median()), "cap cells": len(capacity),
+                "cap sources": ", ".join(capacity["source"].unique())}
+    latest_train = pd.read_csv(latest_dir / "train.csv")
+    commit = _run_json(latest_dir, "train").get("git", {}).get("commit") or "n/a"
+    numbers |= {"latest dir": latest_dir.name, "latest commit": commit, "latest date": _date(_run_id(latest_dir, "train"))}
+    numbers |= _train_cells(latest_train, "latest ") | _layer_cells(pd.read_csv(latest_dir / "layer.csv"), "latest ")
+    return numbers
+
+
+def newest(bench_root: Path, *sections: str) -> Path | None:
+    """The bench directory with every section's CSV whose train/first section has the newest run id."""
+    dirs = [d for d in bench_root.iterdir() if all((d / f"{s}.csv").exists() for s in sections)] if bench_root.is_dir() else []
+    return max(dirs, key=lambda d: _run_id(d, sections[0]), default=None)
+
+
+GENERATED = {"numbers_bench.tex": "bench records", "numbers_setup.tex": "params files"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    root = ROOT / "runs" / "benchmarks"
+    parser.add_argument("--bench-dir", type=Path, default=newest(root, "train", "layer", "capacity"),
+                        help="full grid: train, layer and capacity (default: the newest with all three)")
+    parser.add_argument("--latest-dir", type=Path, default=newest(root, "train", "layer"),
+                        help="newest train and layer records (default: the newest with both)")
+    parser.add_argument("--params-dir", type=Path, default=ROOT / "params")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "paper")
+    args = parser.parse_args(argv)
+    if args.bench_dir is None or args.latest_dir is None:
+        parser.error("no runs/benchmarks/*/ with train.csv, layer.csv and capacity.csv: give --bench-dir")
+    for name, numbers in (("numbers_bench.tex", bench_numbers(args.bench_dir, args.latest_dir)),
+                          ("numbers_setup.tex", setup_numbers(args.params_dir))):
+        path = write_numbers(numbers, args.out_dir / name)
+        path.write_text(f"% Written by tools/paper_numbers.py ({GENERATED[name]}).\n" + path.read_text())
+        print(path, f"({len(numbers)} macros)")
+
+
+if __name__ == "__main__":
+    main()
