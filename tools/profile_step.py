@@ -3,13 +3,13 @@
     python tools/profile_step.py [padded|grouped] [batch]
 
 The issue-8 study model (E=8, D=256, 4 layers, 4 heads, k=2, CF 1.25, seq 256, vocab 96), bf16
-autocast, torch.compile (default mode), fused AdamW; 5 warm-up steps, 3 profiled. Prints GPU
+autocast, torch.compile (default mode), fused AdamW; 3 warm-up steps, 3 profiled. Prints GPU
 ms/step and the 30 costliest kernels.
 """
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from profile_layer import gpu_profile  # tools/ is on sys.path when this file runs as a script
 
 from moe_core import MoEConfig, ModelConfig, TinyMoEModel
 
@@ -31,17 +31,7 @@ def main(backend: str = "padded", batch: int = 128) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    print(f"{backend} batch {batch}: GPU ms/step {sum(e.self_device_time_total for e in kernels) / 3e3:.3f}")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]:
-        print(f"{e.self_device_time_total / 3e3:7.3f} ms {e.count // 3:4d}x  {e.key[:140]}")
+    gpu_profile(step, f"{backend} batch {batch}", 30)
 
 
 if __name__ == "__main__":
