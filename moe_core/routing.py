@@ -242,7 +242,7 @@ def routing_metrics(routing: Routing, probs_TE: torch.Tensor | None) -> dict[str
     else:
         entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1).mean()
     return {
-        "drop_rate": 1.0 - routing.keep_A.float().mean(),
+        "drop_rate": (~routing.keep_A).float().mean(),  # not 1 - mean(keep): compiled, that rounds below 0
         "token_drop_rate": (kept_T == 0).float().mean(),
         "load_cv": counts_E.std(unbiased=False) / mean,
         "max_vio": (counts_E.max() - mean) / mean,
