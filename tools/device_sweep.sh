@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run (part of) a sweep on the lent GPU machine and bring its records back in one file.
+# What this session used for Experiment A seed 0 (12 runs in 7m45s on one H100):
+#
+#   here:   SLIM=1 ../shared/device/build_wheelhouse.sh .whl papermill ipykernel altair vl-convert-python pytest
+#           mkdir -p data && cp ../shared/data/tinystories_val.txt data/      # git-ignored, never committed
+#   device: run(command="MOE_CORE_COMMIT=<git rev-parse --short HEAD> bash tools/device_sweep.sh \
+#                        params/experiment_a.yaml '*_s1'", carry=[".whl", "data"])
+#   here:   tar xzf /work/.device/<n>/experiment_a_records.tgz   # runs/ and executed/ records, no checkpoints
+#
+# The device copy has no .git, hence MOE_CORE_COMMIT for the run records. Finished runs are skipped,
+# so a call cut short by the time limit is simply repeated.
+set -uo pipefail
+params=${1:?usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS]}
+only=${2:?usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS]}
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+exp=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['experiment'])" "$params")
+timeout "${3:-540}" python3 -m moe_core.sweep "$params" --only "$only" 2>&1 | grep -v -i "warn\|IPKernelApp"
+tar czf "$OUT/${exp}_records.tgz" --exclude checkpoint.pt "runs/$exp" "executed/$exp"
