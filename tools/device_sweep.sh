@@ -15,6 +15,7 @@ params=${1:?usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS]}
 only=${2:?usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS]}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+python3 -m ipykernel install --user --name python3 >/dev/null 2>&1  # the kernel papermill asks for
 exp=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['experiment'])" "$params")
 timeout "${3:-540}" python3 -m moe_core.sweep "$params" --only "$only" 2>&1 | grep -v -i "warn\|IPKernelApp"
 tar czf "$OUT/${exp}_records.tgz" --exclude checkpoint.pt "runs/$exp" "executed/$exp"
