@@ -159,6 +159,25 @@ def bench_numbers(bench_dir: Path, latest_dir: Path) -> dict:
     return numbers
 
 
+def mfu_numbers(bench_root: Path, min_dim: int = 768) -> dict:
+    """The newest train-bench record of a model with D >= ``min_dim`` (issue 8's MFU target): its
+    shape, the best MFU (shared FLOP counter / measured matmul peak), and that MFU with the causal
+    half of the attention scores, 3 * L * 2*S*D FLOPs per token, left out of the count."""
+    records = [json.loads(p.read_text()) for p in sorted(bench_root.glob("*/train_*.json"))]
+    records = [r for r in records if r.get("config", {}).get("model", {}).get("dim", 0) >= min_dim]
+    if not records:
+        return {}
+    record = max(records, key=lambda r: r["run_id"])
+    model = record["config"]["model"]
+    best = max((row for row in record["rows"] if row["status"] == "ok"), key=lambda row: row["mfu"])
+    causal_half = 3 * model["layers"] * 2 * model["seq_len"] * model["dim"]
+    flops = best["train_flops_per_token"]
+    return {"mfu dim": model["dim"], "mfu layers": model["layers"], "mfu experts": model["num_experts"],
+            "mfu seq len": model["seq_len"], "mfu batch": best["batch_size"], "mfu backend": best["backend"],
+            "mfu pct": 100 * best["mfu"], "mfu causal pct": 100 * best["mfu"] * (flops - causal_half) / flops,
+            "mfu peak tflops": record["peak_flops"] / 1e12, "mfu date": _date(record["run_id"])}
+
+
 def newest(bench_root: Path, *sections: str) -> Path | None:
     """The bench directory with every section's CSV whose train/first section has the newest run id."""
     dirs = [d for d in bench_root.iterdir() if all((d / f"{s}.csv").exists() for s in sections)] if bench_root.is_dir() else []
@@ -180,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.bench_dir is None or args.latest_dir is None:
         parser.error("no runs/benchmarks/*/ with train.csv, layer.csv and capacity.csv: give --bench-dir")
-    for name, numbers in (("numbers_bench.tex", bench_numbers(args.bench_dir, args.latest_dir)),
+    bench = bench_numbers(args.bench_dir, args.latest_dir) | mfu_numbers(root)
+    for name, numbers in (("numbers_bench.tex", bench),
                           ("numbers_setup.tex", setup_numbers(args.params_dir))):
         path = write_numbers(numbers, args.out_dir / name)
         path.write_text(f"% Written by tools/paper_numbers.py ({GENERATED[name]}).\n" + path.read_text())
