@@ -653,34 +653,19 @@ _BENCH_JOIN = ["drop_rate", "token_drop_rate", "dispatch_tokens_per_s", "layer_t
 
 
 def training_runs(runs_dir: str | Path, experiment: str = "experiment_a") -> "pd.DataFrame":
-    """One row per finished training run under runs_dir/experiment/*/ (config.json + summary.json):
-    router ('dense' for the dense baseline), E, k, CF, best validation perplexity, median tokens/s.
-    Runs with a missing or unreadable record, or no evaluation yet, are skipped."""
+    """One row per finished (status ok) training run of runs_dir/experiment, read by
+    moe_core.results: router ('dense' for the dense baseline), E, k, CF, best validation
+    perplexity, median tokens/s."""
     import pandas as pd
 
-    root = Path(runs_dir, experiment)
-    rows = []
-    run_dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    for run_dir in run_dirs:
-        try:
-            config = rr.read_json(run_dir / rr.CONFIG_FILE)
-            summary = rr.read_json(run_dir / rr.SUMMARY_FILE)
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not config or not summary:
-            continue
-        config = config.get("config", config)
-        best_loss = summary.get("best_val_loss")
-        ppl = summary.get("best_val_ppl", math.exp(min(best_loss, 700)) if best_loss is not None else None)
-        if ppl is None:
-            continue
-        cf = config.get("capacity_factor")
-        rows.append({"run": run_dir.name, "status": summary.get("status"),
-                     "router": "dense" if config.get("ffn") == "dense" else config.get("router"),
-                     "num_experts": config.get("num_experts"), "top_k": config.get("top_k"),
-                     "capacity_factor": cf, "cf_label": cf_label(cf), "best_val_ppl": ppl,
-                     "train_tokens_per_s": summary.get("median_tokens_per_s")})
-    return pd.DataFrame(rows, columns=JOIN_COLUMNS[:9])
+    from .results import load_experiment  # results imports this module (cf_label)
+
+    runs = load_experiment(runs_dir, experiment).runs
+    if runs.empty or "best_val_ppl" not in runs:
+        return pd.DataFrame(columns=JOIN_COLUMNS[:9])
+    runs = runs[(runs["status"] == "ok") & runs["best_val_ppl"].notna()]
+    runs = runs.drop(columns="router").rename(columns={"label": "router", "median_tokens_per_s": "train_tokens_per_s"})
+    return runs[JOIN_COLUMNS[:9]]
 
 
 def join_with_training(bench_df: "pd.DataFrame", runs_dir: str | Path, experiment: str = "experiment_a") -> "pd.DataFrame":

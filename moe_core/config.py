@@ -5,7 +5,7 @@ construction with a ``ValueError`` naming the field, before any tensor is alloca
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ROUTERS = ("top1", "topk_hard", "softk", "hash", "expert_choice")
 """Router names (contract). Hyphenated spellings (``topk-hard``) are accepted as aliases."""
@@ -137,8 +137,8 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std!r}")
         if self.moe.router == "hash":
-            if self.moe.hash_vocab_size is None:
-                self.moe.hash_vocab_size = self.vocab_size
+            if self.moe.hash_vocab_size is None:  # a copy: the caller's MoEConfig is left as it was
+                self.moe = replace(self.moe, hash_vocab_size=self.vocab_size)
             _check(self.moe.hash_vocab_size == self.vocab_size, "moe.hash_vocab_size",
                    f"{self.moe.hash_vocab_size} differs from vocab_size={self.vocab_size}")
 

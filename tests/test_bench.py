@@ -171,7 +171,8 @@ def test_params_yaml_loads_and_small_sections_are_the_defaults(checkpoint):
 @pytest.fixture
 def fake_experiment_a_runs(tmp_path):
     """A tiny runs/experiment_a tree in the shape moe_core.train writes: a fixture of the join's
-    parsing, not study results. Two ok runs, a dense baseline, and two broken run directories."""
+    parsing, not study results. Two ok runs, a dense baseline, a diverged run (left out of the join)
+    and two broken run directories."""
     def run(name, config, summary):
         d = tmp_path / "experiment_a" / name
         d.mkdir(parents=True)
@@ -179,6 +180,8 @@ def fake_experiment_a_runs(tmp_path):
             (d / "config.json").write_text(json.dumps({"config": config, "seed": 0}))
         if summary is not None:
             (d / "summary.json").write_text(json.dumps(summary))
+            (d / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 100,
+                                                         "val_loss": summary["best_val_loss"]}) + "\n")
 
     base = {"num_experts": 8, "top_k": 2, "router": "softk", "ffn": "moe"}
     run("softk_cf1.0", {**base, "capacity_factor": 1.0},
@@ -187,6 +190,8 @@ def fake_experiment_a_runs(tmp_path):
         {"status": "ok", "best_val_loss": 2.0, "median_tokens_per_s": 800.0})
     run("dense", {**base, "ffn": "dense", "capacity_factor": 1.25},
         {"status": "ok", "best_val_loss": 1.5, "median_tokens_per_s": 1200.0})
+    run("diverged", {**base, "capacity_factor": 1.25},
+        {"status": "diverged", "best_val_loss": 0.5, "median_tokens_per_s": 900.0})
     run("no_summary", {**base, "capacity_factor": 1.0}, None)
     (tmp_path / "experiment_a" / "unreadable").mkdir()
     (tmp_path / "experiment_a" / "unreadable" / "summary.json").write_text("{not json")

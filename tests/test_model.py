@@ -101,3 +101,10 @@ def test_sequence_longer_than_seq_len_rejected():
     model = TinyMoEModel(model_cfg())
     with pytest.raises(ValueError, match="seq_len"):
         model(torch.randint(0, V, (1, S + 1)))
+
+
+def test_hash_model_config_does_not_mutate_the_callers_moe_config():
+    moe = MoEConfig(dim=D, hidden=48, router="hash")
+    cfg = ModelConfig(vocab_size=V, seq_len=S, dim=D, layers=2, heads=4, moe=moe)
+    assert moe.hash_vocab_size is None and cfg.moe.hash_vocab_size == V
+    assert ModelConfig(vocab_size=V + 1, seq_len=S, dim=D, layers=2, heads=4, moe=moe).moe.hash_vocab_size == V + 1
