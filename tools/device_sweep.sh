@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run (part of) a sweep on the lent GPU machine and bring its records back in one file.
-# What this session used for Experiment A seed 0 (12 runs in 7m45s on one H100):
+# What ran Experiment A on one H100 (seed 0: 12 runs in 7m45s; seeds 1-2 plus one rerun: 25 runs in two calls):
 #
 #   here:   SLIM=1 ../shared/device/build_wheelhouse.sh .whl papermill ipykernel altair vl-convert-python pytest
 #           mkdir -p data && cp ../shared/data/tinystories_val.txt data/      # git-ignored, never committed
@@ -13,7 +13,7 @@
 set -uo pipefail
 params=${1:?usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS]}
 only=${2:?usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS]}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null || exit 1
+python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 python3 -m ipykernel install --user --name python3 >/dev/null 2>&1  # the kernel papermill asks for
 exp=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['experiment'])" "$params")
