@@ -45,13 +45,15 @@ paper:
 # runs exist) and H100 bench records: figures, tables and number macros. See README "Reproduce the paper".
 EXPERIMENT ?= smoke
 BENCH_DIR ?= runs/benchmarks/h100_20261126
+# Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
+CAPACITY_DIR ?= runs/benchmarks/h100_20261126_21d13ad
 paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/$(EXPERIMENT)/analysis_a.ipynb \
 		-p experiment $(EXPERIMENT) -p figures_dir figures -p tables_dir paper/tables -p numbers_path paper/numbers_a.tex
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_b.ipynb executed/$(EXPERIMENT)/analysis_b.ipynb \
-		-p experiment $(EXPERIMENT) -p bench_dir $(BENCH_DIR) -p figures_dir figures -p tables_dir paper/tables \
+		-p experiment $(EXPERIMENT) -p bench_dir $(CAPACITY_DIR) -p figures_dir figures -p tables_dir paper/tables \
 		-p numbers_path paper/numbers_b.tex
-	$(BIN)/python tools/paper_numbers.py --bench-dir $(BENCH_DIR)
+	$(BIN)/python tools/paper_numbers.py --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR)
 
 paper-clean:
 	cd paper && $(LATEXMK) -C main.tex slides.tex

@@ -47,6 +47,7 @@ BENCH_KEYS = ("source", "num_experts", "top_k", "capacity_factor", "cf_label", "
               "router", "backend", "device_name", "dtype")
 BENCH_METRICS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac",
                  "dispatch_tokens_per_s", "layer_ms", "layer_tokens_per_s")
+PRIOR_CLAIM = ("expert_choice", "softk", "hash", "topk_hard", "top1")  # issue 9's ranking to test, best first
 TRAINED_SOURCE = "trained (Exp. A)"  # Experiment B rows taken from training runs' routing
 
 
@@ -104,6 +105,7 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     noncausal = min((r["val_loss_noncausal"] for r in metrics if r.get("val_loss_noncausal") is not None),
                     default=None)
     last = metrics[-1] if metrics else {}
+    splits = (record.get("data") or {}).get("splits") or {}
     run = {**common, "error": summary.get("error"), "steps_done": summary.get("steps_done", last.get("step")),
            "tokens": last.get("tokens"), "train_flops": _times(last.get("tokens"), flops),
            "best_val_loss": best.get("val_loss"), "best_val_ppl": _exp(best.get("val_loss")),
@@ -111,7 +113,9 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
            "best_val_ppl_noncausal": _exp(noncausal), "final_val_loss": last.get("val_loss"),
            **{f"final_{s}": last.get(s) for s in ROUTING_STATS},
            **{k: summary.get(k) for k in ("median_tokens_per_s", "mfu", "params", "peak_mem_bytes", "wall_time_s")},
-           "device_name": summary.get("device"), "git_commit": (record.get("git") or {}).get("commit")}
+           "device_name": summary.get("device"), "git_commit": (record.get("git") or {}).get("commit"),
+           **{f"{split}_corpus_{k}": (splits.get(split) or {}).get(k)
+              for split in ("train", "validation") for k in ("n_tokens", "n_stories")}}
     # a metric key named like a config field (lr: the step's scheduled rate) becomes step_<key>, not a shadow
     evals = [{**common, **{f"step_{k}" if k in config else k: v for k, v in row.items()},
               "train_flops": _times(row.get("tokens"), flops)} for row in metrics]
@@ -229,6 +233,54 @@ def summarize(values: Iterable[float]) -> dict:
     std = float(x.std(ddof=1)) if n > 1 else math.nan
     ci = t_quantile(0.975, n - 1) * std / math.sqrt(n) if n > 1 else math.nan
     return {"mean": mean, "std": std, "n": n, "ci95": ci}
+
+
+def welch_difference(a: dict, b: dict, p: float = 0.975) -> tuple[float, float]:
+    """Difference of means ``a - b`` of two summarize() results and the half-width of its Welch CI
+    (unequal variances, Welch-Satterthwaite degrees of freedom): seeds of different routers need not
+    share a spread. The half-width is NaN unless both sides have two or more values."""
+    diff = a["mean"] - b["mean"]
+    if min(a["n"], b["n"]) < 2:
+        return diff, math.nan
+    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+    if va + vb == 0:
+        return diff, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
+    return diff, t_quantile(p, max(df, 1.0)) * math.sqrt(va + vb)
+
+
+def ranking_check(runs: pd.DataFrame, order: Iterable[str] = PRIOR_CLAIM, metric: str = "best_val_ppl") -> pd.DataFrame:
+    """Test a claimed router order (best first; ``metric`` lower is better) pair by pair.
+
+    Each router stands at its best capacity factor among those every router of ``order`` ran, so no
+    router gains from a setting the others lack (softk's dropless reference is left out). For each
+    adjacent pair (better, worse) of the claim: both configs' seed statistics, the Welch 95% CI of
+    ``worse - better``, and a verdict: ``holds`` (CI above 0), ``reversed`` (CI below 0) or
+    ``unresolved``. Routers without ok runs are skipped; the result is empty below two routers."""
+    ok = runs[runs["status"] == "ok"]
+    present = [r for r in order if (ok["label"] == r).any()]
+    shared = set.intersection(*(set(ok.loc[ok["label"] == r, "cf_label"]) for r in present)) if present else set()
+    best = {}
+    for router in present:
+        cells = {cf: summarize(ok.loc[(ok["label"] == router) & (ok["cf_label"] == cf), metric])
+                 for cf in sorted(shared, key=cf_order_value)}  # ties go to the lower capacity factor
+        cells = {cf: s for cf, s in cells.items() if s["n"]}
+        if cells:
+            cf = min(cells, key=lambda c: cells[c]["mean"])
+            best[router] = (cf, cells[cf])
+    routers = [r for r in present if r in best]
+    rows = []
+    for better, worse in zip(routers, routers[1:]):
+        (cf_b, b), (cf_w, w) = best[better], best[worse]
+        diff, ci = welch_difference(w, b)
+        verdict = "unresolved" if not math.isfinite(ci) or abs(diff) <= ci else ("holds" if diff > 0 else "reversed")
+        rows.append({"better": better, "worse": worse, "better_cf": cf_b, "worse_cf": cf_w,
+                     "better_mean": b["mean"], "better_ci95": b["ci95"], "better_n": b["n"],
+                     "worse_mean": w["mean"], "worse_ci95": w["ci95"], "worse_n": w["n"],
+                     "difference": diff, "difference_ci95": ci, "verdict": verdict})
+    return pd.DataFrame(rows, columns=["better", "worse", "better_cf", "worse_cf", "better_mean", "better_ci95",
+                                       "better_n", "worse_mean", "worse_ci95", "worse_n", "difference",
+                                       "difference_ci95", "verdict"])
 
 
 def aggregate(frame: pd.DataFrame, metrics: Iterable[str], keys: Iterable[str] | None = None,
@@ -463,6 +515,15 @@ def experiment_a_numbers(runs: pd.DataFrame, table: pd.DataFrame, iso: pd.DataFr
     if not ok.empty:
         numbers |= {"MaxSeeds": int(table["n_runs"].max()), "TrainTokens": int(ok["tokens"].max()),
                     "TrainSteps": int(ok["steps_done"].max())}
+        corpus = ok[["train_corpus_n_tokens", "train_corpus_n_stories", "validation_corpus_n_tokens",
+                     "validation_corpus_n_stories"]].dropna().drop_duplicates()
+        if len(corpus) == 1:  # one corpus for every run: its size, and the epochs each run's budget makes
+            sizes = {k: int(v) for k, v in corpus.iloc[0].items()}
+            numbers |= {"CorpusTrainTokens": sizes["train_corpus_n_tokens"],
+                        "CorpusTrainStories": sizes["train_corpus_n_stories"],
+                        "CorpusValTokens": sizes["validation_corpus_n_tokens"],
+                        "CorpusValStories": sizes["validation_corpus_n_stories"],
+                        "TrainEpochs": float(ok["tokens"].max() / sizes["train_corpus_n_tokens"])}
     if not moe.empty:
         best = moe.loc[moe["best_val_ppl_mean"].idxmin()]
         numbers |= {"BestRouter": best["label"], "BestRouterCf": best["cf_label"], "BestConfig": best["name"],
@@ -482,6 +543,40 @@ def experiment_a_numbers(runs: pd.DataFrame, table: pd.DataFrame, iso: pd.DataFr
                     "IsoFlopBestLoss": iso_best["val_loss_mean_at_budget"]}
     return numbers
 
+
+
+def ranking_table(check: pd.DataFrame) -> pd.DataFrame:
+    """The paper's table of ranking_check: one row per claimed adjacent pair (LaTeX cells)."""
+    def side(router, cf, mean, ci):
+        return f"{tex_escape(router)} cf{tex_escape(cf)}", format_mean_ci(mean, ci)
+    better = [side(*v) for v in zip(check["better"], check["better_cf"], check["better_mean"], check["better_ci95"])]
+    worse = [side(*v) for v in zip(check["worse"], check["worse_cf"], check["worse_mean"], check["worse_ci95"])]
+    return pd.DataFrame({
+        "Claimed better": [b[0] for b in better], "PPL better": [b[1] for b in better],
+        "Claimed worse": [w[0] for w in worse], "PPL worse": [w[1] for w in worse],
+        "Worse $-$ better": [format_mean_ci(d, c) for d, c in zip(check["difference"], check["difference_ci95"])],
+        "Verdict": check["verdict"],
+    })
+
+
+def ranking_numbers(check: pd.DataFrame) -> dict:
+    """The macros of the ranking check: pair counts by verdict, an overall verdict (``holds`` only if
+    every pair holds; ``is contradicted`` if any pair is reversed; else ``is not resolved``), the
+    claimed order and the measured one (mean at each router's chosen capacity factor)."""
+    if check.empty:
+        return {}
+    counts = check["verdict"].value_counts()
+    verdict = ("holds" if counts.get("holds", 0) == len(check)
+               else "is contradicted" if counts.get("reversed", 0) else "is not resolved")
+    best = dict(zip(check["better"], zip(check["better_cf"], check["better_mean"])))
+    best |= dict(zip(check["worse"], zip(check["worse_cf"], check["worse_mean"])))
+    claimed = [*check["better"], check["worse"].iloc[-1]]
+    measured = sorted(claimed, key=lambda r: best[r][1])
+    return {"PriorClaimOrder": " > ".join(claimed),
+            "PriorClaimPairs": len(check), "PriorClaimHold": int(counts.get("holds", 0)),
+            "PriorClaimReversed": int(counts.get("reversed", 0)),
+            "PriorClaimUnresolved": int(counts.get("unresolved", 0)), "PriorClaimVerdict": verdict,
+            "MeasuredOrder": ", ".join(f"{r} cf{best[r][0]} {format_number(best[r][1])}" for r in measured)}
 
 # -- Experiment B: table and numbers ----------------------------------------------------------------
 _BENCH_SETUP = {"tokens": "$T$", "dim": "$D$", "hidden": "$F$", "backend": "Backend", "device_name": "Device",

@@ -92,6 +92,51 @@ def test_t_quantile_matches_tables(df):
     assert results.t_quantile(0.975, df) == pytest.approx(T_975[df], abs=1e-4)
 
 
+def test_welch_difference_by_hand():
+    a, b = results.summarize([1.0, 2.0, 3.0]), results.summarize([2.0, 3.0, 4.0])
+    diff, ci = results.welch_difference(a, b)  # equal n and s.d.: Welch df = 2(n - 1) = 4
+    assert diff == pytest.approx(-1.0) and ci == pytest.approx(T_975[4] * math.sqrt(2 / 3), abs=1e-4)
+    a, b = results.summarize([1.0, 2.0, 3.0]), results.summarize([4.0, 6.0, 8.0])
+    df = (1 / 3 + 4 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)  # 50/17
+    assert results.welch_difference(a, b)[1] == pytest.approx(results.t_quantile(0.975, df) * math.sqrt(5 / 3))
+    assert math.isnan(results.welch_difference(results.summarize([1.0]), b)[1])
+
+
+def ranked_runs(ppl: dict) -> pd.DataFrame:
+    """A runs frame: (router, cf label) -> seed perplexities, plus one failed run of expert_choice."""
+    rows = [{"label": r, "cf_label": cf, "status": "ok", "best_val_ppl": v}
+            for (r, cf), values in ppl.items() for v in values]
+    return pd.DataFrame([*rows, {"label": "expert_choice", "cf_label": "1", "status": "failed", "best_val_ppl": 1.0}])
+
+
+def test_ranking_check_verdicts_at_each_routers_best_shared_capacity():
+    check = results.ranking_check(ranked_runs({
+        ("expert_choice", "1"): [3.0, 3.1, 3.2], ("expert_choice", "1.25"): [3.5, 3.6, 3.7],
+        ("softk", "1"): [3.9, 4.0, 4.1], ("softk", "1.25"): [3.45, 3.55, 3.65],
+        ("softk", "dropless"): [1.0, 1.0, 1.0],  # not shared by all: must not count
+        ("hash", "1"): [3.6, 3.7, 3.8], ("hash", "1.25"): [3.4, 3.5, 3.6],
+        ("topk_hard", "1"): [5.0, 5.1, 5.2], ("topk_hard", "1.25"): [5.0, 5.1, 5.2],
+        ("top1", "1"): [3.0, 6.0, 9.0], ("top1", "1.25"): [8.0, 9.0, 10.0]}))
+    assert list(zip(check["better"], check["worse"])) == [("expert_choice", "softk"), ("softk", "hash"),
+                                                         ("hash", "topk_hard"), ("topk_hard", "top1")]
+    assert list(check["better_cf"]) == ["1", "1.25", "1.25", "1"]  # failed EC run (ppl 1.0) ignored
+    assert check["better_mean"].iloc[0] == pytest.approx(3.1) and check["worse_mean"].iloc[0] == pytest.approx(3.55)
+    assert list(check["verdict"]) == ["holds", "unresolved", "holds", "unresolved"]
+    numbers = results.ranking_numbers(check)
+    assert (numbers["PriorClaimVerdict"], numbers["PriorClaimHold"], numbers["PriorClaimUnresolved"]) == \
+        ("is not resolved", 2, 2)
+    assert numbers["MeasuredOrder"].startswith("expert_choice cf1 3.10, hash cf1.25 3.50")
+    assert len(results.ranking_table(check)) == 4
+
+
+def test_ranking_check_reversal_and_missing_routers():
+    check = results.ranking_check(ranked_runs({("softk", "1"): [4.0, 4.1, 4.2], ("hash", "1"): [3.0, 3.1, 3.2]}))
+    assert list(check["verdict"]) == ["reversed"]
+    assert results.ranking_numbers(check)["PriorClaimVerdict"] == "is contradicted"
+    assert list(results.ranking_check(ranked_runs({})).columns) == list(check.columns)
+    assert results.ranking_check(ranked_runs({})).empty and results.ranking_numbers(check.iloc[:0]) == {}
+
+
 def test_failed_and_diverged_runs_are_listed_not_aggregated(loaded):
     runs = loaded.runs.set_index("run")
     assert runs.loc["hash_cf1.25_s0", "status"] == "failed" and "boom" in runs.loc["hash_cf1.25_s0", "error"]
@@ -153,13 +198,16 @@ def test_expert_choice_headline_is_causal(runs_dir, loaded):
     assert math.isnan(loaded.runs.set_index("run").loc["softk_cf1.25_s0", "best_val_loss_noncausal"])
 
 
-def test_numbers_table_and_macros(tmp_path, loaded):
+def test_numbers_table_and_macros(tmp_path, runs_dir, loaded):
     table = results.run_table(loaded.runs)
     budget, iso = results.loss_at_flops(results.curves(loaded.evals))
     numbers = results.experiment_a_numbers(loaded.runs, table, iso, budget)
     assert numbers["NumFailedRuns"] == 1 and numbers["NumDivergedRuns"] == 1 and numbers["MaxSeeds"] == 2
     softk = table.set_index("name").loc["softk cf1.25"]
     assert numbers["softk cf1.25 ppl"] == softk["best_val_ppl_mean"]
+    split = json.loads((runs_dir / "exp/softk_cf1.25_s0/config.json").read_text())["data"]["splits"]["train"]
+    assert (numbers["CorpusTrainTokens"], numbers["CorpusTrainStories"]) == (split["n_tokens"], split["n_stories"])
+    assert numbers["TrainEpochs"] == pytest.approx(numbers["TrainTokens"] / split["n_tokens"])
     path = results.write_numbers(numbers, tmp_path / "numbers_a.tex")
     results.write_numbers({"x": 1}, tmp_path / "numbers_b.tex")
     text = path.read_text()

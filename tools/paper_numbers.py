@@ -1,6 +1,7 @@
 """The paper's number macros that do not come from the analysis notebooks, so that none is typed by hand.
 
-    python tools/paper_numbers.py [--bench-dir runs/benchmarks/<full>] [--latest-dir runs/benchmarks/<newest>]
+    python tools/paper_numbers.py [--bench-dir runs/benchmarks/<full>] [--capacity-dir runs/benchmarks/<cap>]
+                                  [--latest-dir runs/benchmarks/<newest>]
 
 Writes two files beside the notebooks' numbers_a.tex / numbers_b.tex (and rewrites numbers.tex, which
 inputs them all, through moe_core.results.write_numbers):
@@ -8,9 +9,11 @@ inputs them all, through moe_core.results.write_numbers):
 - ``numbers_bench.tex``: H100 speed results. From the full-grid bench directory (default: the newest
   with train, layer and capacity records): train.csv (the real trainer's tokens/s, ms/step, MFU per
   batch x backend x compile mode), layer.csv (MoE layer vs. a dense FFN of equal active FLOPs, every
-  backend), capacity.csv (dispatch's fraction of copy bandwidth), the run JSON's device, torch version
-  and measured matmul peak. From the latest directory (default: the newest with train and layer
-  records, by run id), the same train and layer cells as ``Latest*`` macros with its commit.
+  backend), the run JSON's device, torch version and measured matmul peak. From the capacity
+  directory (default: the newest with capacity records): dispatch's fraction of copy bandwidth, the
+  cell count, its commit and the checkpoint of its trained routing source. From the latest directory
+  (default: the newest with train and layer records, by run id), the same train and layer cells as
+  ``Latest*`` macros with its commit.
 - ``numbers_setup.tex``: the experiments' setup as the params files state it (params/smoke.yaml,
   params/experiment_a.yaml expanded by moe_core.sweep; params/experiment_b.yaml), with the training
   defaults every run inherits from TrainConfig.
@@ -126,12 +129,14 @@ def _layer_cells(layer: pd.DataFrame, prefix: str) -> dict:
     return numbers
 
 
-def bench_numbers(bench_dir: Path, latest_dir: Path) -> dict:
+def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict:
     """H100 speed macros: the full grid of ``bench_dir`` (train with every compile mode, every layer
-    backend, the capacity bench) as ``Bench*``/``TrainB*``/``LayerE*``/``Cap*``, and the newest
-    train and layer records of ``latest_dir`` as ``Latest*`` (each ratio comes from one run)."""
+    backend) as ``Bench*``/``TrainB*``/``LayerE*``, the capacity bench of ``capacity_dir`` as ``Cap*``,
+    and the newest train and layer records of ``latest_dir`` as ``Latest*`` (each ratio comes from
+    one run)."""
     train = pd.read_csv(bench_dir / "train.csv")
-    capacity = pd.read_csv(bench_dir / "capacity.csv")
+    capacity = pd.read_csv(capacity_dir / "capacity.csv")
+    cap_record = _run_json(capacity_dir, "capacity")
     record = _run_json(bench_dir, "train")
     env = record.get("env", {})
     numbers = {"bench device": str(train["device_name"].iloc[0]), "bench torch": env.get("torch", str(train["torch"].iloc[0])),
@@ -151,7 +156,11 @@ def bench_numbers(bench_dir: Path, latest_dir: Path) -> dict:
     bounded = capacity[(capacity["status"] == "ok") & capacity["capacity_factor"].notna()]
     numbers |= {"cap bw pct min": 100 * bounded["dispatch_bw_frac"].min(), "cap bw pct max": 100 * bounded["dispatch_bw_frac"].max(),
                 "cap copy gbps": float(capacity["copy_gbps"].median()), "cap cells": len(capacity),
-                "cap sources": ", ".join(capacity["source"].unique())}
+                "cap sources": ", ".join(capacity["source"].unique()), "cap dir": capacity_dir.name,
+                "cap date": _date(_run_id(capacity_dir, "capacity")),
+                "cap commit": (cap_record.get("git", {}).get("commit") or "n/a")[:7]}
+    if cap_record.get("config", {}).get("checkpoint"):  # the training run whose router gave the logits
+        numbers["cap checkpoint run"] = Path(cap_record["config"]["checkpoint"]).parent.name
     latest_train = pd.read_csv(latest_dir / "train.csv")
     commit = _run_json(latest_dir, "train").get("git", {}).get("commit") or "n/a"
     numbers |= {"latest dir": latest_dir.name, "latest commit": commit, "latest date": _date(_run_id(latest_dir, "train"))}
@@ -192,14 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     root = ROOT / "runs" / "benchmarks"
     parser.add_argument("--bench-dir", type=Path, default=newest(root, "train", "layer", "capacity"),
                         help="full grid: train, layer and capacity (default: the newest with all three)")
+    parser.add_argument("--capacity-dir", type=Path, default=newest(root, "capacity"),
+                        help="the capacity bench (default: the newest with capacity records)")
     parser.add_argument("--latest-dir", type=Path, default=newest(root, "train", "layer"),
                         help="newest train and layer records (default: the newest with both)")
     parser.add_argument("--params-dir", type=Path, default=ROOT / "params")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "paper")
     args = parser.parse_args(argv)
-    if args.bench_dir is None or args.latest_dir is None:
+    if args.bench_dir is None or args.latest_dir is None or args.capacity_dir is None:
         parser.error("no runs/benchmarks/*/ with train.csv, layer.csv and capacity.csv: give --bench-dir")
-    bench = bench_numbers(args.bench_dir, args.latest_dir) | mfu_numbers(root)
+    bench = bench_numbers(args.bench_dir, args.latest_dir, args.capacity_dir) | mfu_numbers(root)
     for name, numbers in (("numbers_bench.tex", bench),
                           ("numbers_setup.tex", setup_numbers(args.params_dir))):
         path = write_numbers(numbers, args.out_dir / name)
