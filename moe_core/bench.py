@@ -287,6 +287,14 @@ class IdentityExperts:
         return x_ND
 
 
+def _compiled(module: torch.nn.Module, mode: str) -> Callable:
+    """``module`` itself for mode "none", else a fresh torch.compile of it (recompiles per backend)."""
+    if mode == "none":
+        return module
+    torch._dynamo.reset()
+    return torch.compile(module, mode=mode)
+
+
 def fwd_bwd(module: torch.nn.Module) -> Callable:
     """A timed step on inputs (x, dy, *more): forward on x, then the gradients of y . dy with
     respect to x, ``more`` and every parameter (autograd.grad, so nothing accumulates between
@@ -413,6 +421,9 @@ class LayerBenchConfig(BenchConfig):
     capacity_factor: float | None = 1.25
     router: str = "softk"
     backends: list[str] = field(default_factory=lambda: list(BACKEND_FNS))
+    # none (eager) | a torch.compile mode; the MoE layer and its dense baseline get the same mode,
+    # since training runs compiled and Inductor fuses the pointwise dispatch/combine work
+    compile_modes: list[str] = field(default_factory=lambda: ["none"])
 
     SECTION = "layer"
     SHAPE_KEYS = ("tokens", "dim", "hidden", "experts", "top_k")
@@ -427,6 +438,11 @@ class LayerBenchConfig(BenchConfig):
                      f"each shape maps exactly {', '.join(self.SHAPE_KEYS)} to integers >= 1, got {shape!r}")
         unknown = sorted(set(self.backends) - set(BACKEND_FNS))
         _require(bool(self.backends) and not unknown, owner, "backends", f"unknown {unknown}; valid: {', '.join(BACKEND_FNS)}")
+        from .train import COMPILE_MODES
+
+        bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
+        _require(bool(self.compile_modes) and not bad_modes, owner, "compile_modes",
+                 f"unknown {bad_modes}; valid: none, {', '.join(COMPILE_MODES)}")
         try:
             self.moe_configs()
         except ValueError as err:
@@ -531,7 +547,6 @@ def run_layer(cfg: LayerBenchConfig, out_dir: str | Path | None = None) -> "pd.D
     dev, dtype, timing = cfg.torch_device, cfg.torch_dtype, {"warmup": cfg.warmup, "repeats": cfg.repeats}
     peak, peak_source = None, "cpu: no peak, MFU not reported"
     if dev.type == "cuda":
-
         peak, peak_source = peak_flops(dev)
     rows = []
     for i, (shape, moe) in enumerate(zip(cfg.shapes, cfg.moe_configs())):
@@ -540,25 +555,26 @@ def run_layer(cfg: LayerBenchConfig, out_dir: str | Path | None = None) -> "pd.D
         flops = 3.0 * shape["tokens"] * ffn_forward_flops_per_token(moe)
         with dev:
             dense = DenseFeedForward(moe.dim, moe.top_k * moe.hidden, moe.activation).to(dtype)
-        dense_ms = _guarded(lambda: {"ms": time_median_ms(fwd_bwd(dense), inputs, dev, **timing)}).get("ms", math.nan)
-        dense_flops = 3.0 * shape["tokens"] * ffn_forward_flops_per_token(moe, router=False)
-        del dense
-        with dev:
             layer = MoEFeedForward(moe).to(dtype)
-        for backend in cfg.backends:
-            layer.backend = backend
-            result = _guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(layer), inputs, dev, **timing)})
-            moe_ms = result.get("moe_ms", math.nan)
-            rows.append({"bench": "layer", "tokens": shape["tokens"], "dim": moe.dim, "hidden": moe.hidden,
-                         "num_experts": moe.num_experts, "top_k": moe.top_k, "capacity_factor": moe.capacity_factor,
-                         "router": cfg.router, "backend": backend, "status": result["status"],
-                         "moe_ms": moe_ms, "dense_ms": dense_ms, "moe_over_dense": moe_ms / dense_ms,
-                         "moe_tokens_per_s": shape["tokens"] / (moe_ms / 1e3),
-                         "dense_tokens_per_s": shape["tokens"] / (dense_ms / 1e3),
-                         "moe_train_flops": flops, "dense_train_flops": dense_flops,
-                         "moe_mfu": flops / (moe_ms / 1e3) / peak if peak else None,
-                         "dense_mfu": dense_flops / (dense_ms / 1e3) / peak if peak else None})
-        del layer
+        dense_flops = 3.0 * shape["tokens"] * ffn_forward_flops_per_token(moe, router=False)
+        for mode in cfg.compile_modes:
+            dense_ms = _guarded(lambda: {"ms": time_median_ms(fwd_bwd(_compiled(dense, mode)), inputs, dev, **timing)}
+                                ).get("ms", math.nan)
+            for backend in cfg.backends:
+                layer.backend = backend
+                result = _guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(_compiled(layer, mode)), inputs, dev,
+                                                                    **timing)})
+                moe_ms = result.get("moe_ms", math.nan)
+                rows.append({"bench": "layer", "tokens": shape["tokens"], "dim": moe.dim, "hidden": moe.hidden,
+                             "num_experts": moe.num_experts, "top_k": moe.top_k, "capacity_factor": moe.capacity_factor,
+                             "router": cfg.router, "backend": backend, "compile_mode": mode, "status": result["status"],
+                             "moe_ms": moe_ms, "dense_ms": dense_ms, "moe_over_dense": moe_ms / dense_ms,
+                             "moe_tokens_per_s": shape["tokens"] / (moe_ms / 1e3),
+                             "dense_tokens_per_s": shape["tokens"] / (dense_ms / 1e3),
+                             "moe_train_flops": flops, "dense_train_flops": dense_flops,
+                             "moe_mfu": flops / (moe_ms / 1e3) / peak if peak else None,
+                             "dense_mfu": dense_flops / (dense_ms / 1e3) / peak if peak else None})
+        del dense, layer
     return _record(cfg, rows, out_dir, {"peak_flops": peak, "peak_flops_source": peak_source})
 
 
@@ -687,7 +703,7 @@ def join_with_training(bench_df: "pd.DataFrame", runs_dir: str | Path, experimen
 TABLES = {
     "capacity": ["source", "num_experts", "top_k", "cf_label", "capacity", "drop_rate", "token_drop_rate",
                  "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac", "layer_ms", "layer_tokens_per_s", "status"],
-    "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "backend", "moe_ms", "dense_ms", "moe_over_dense",
+    "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "backend", "compile_mode", "moe_ms", "dense_ms", "moe_over_dense",
               "moe_mfu", "dense_mfu", "status"],
     "train": ["router", "capacity_factor", "batch_size", "backend", "compile_mode", "tokens_per_s", "ms_per_step", "mfu",
               "status"],

@@ -126,6 +126,7 @@ def test_checkpoint_logits_are_the_models(checkpoint):
     (["capacity", "--set", "sources=[checkpoint]"], "needs a path"),
     (["all", "--set", "experts_typo=[8]"], "unknown key"),
     (["layer", "--set", "backends=[fast]"], "backends"),
+    (["layer", "--set", "compile_modes=[fastest]"], "compile_modes"),
 ])
 def test_cli_bad_arguments_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -155,6 +156,7 @@ def test_cli_small_writes_records(checkpoint, tmp_path, capsys):
     (layer_json,) = out.glob("layer_*.json")
     record = json.loads(layer_json.read_text())
     assert record["peak_flops"] is None and [r["backend"] for r in record["rows"]] == ["padded", "grouped"]
+    assert [r["compile_mode"] for r in record["rows"]] == ["none", "none"]
     assert all(r["moe_over_dense"] > 0 and r["moe_train_flops"] > r["dense_train_flops"] for r in record["rows"])
 
 
