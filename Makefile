@@ -46,7 +46,7 @@ paper:
 EXPERIMENT ?= smoke
 BENCH_DIR ?= runs/benchmarks/h100_20261126
 # Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
-CAPACITY_DIR ?= runs/benchmarks/h100_20261126_21d13ad
+CAPACITY_DIR ?= runs/benchmarks/h100_20261126_91bb604_x3
 paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/$(EXPERIMENT)/analysis_a.ipynb \
 		-p experiment $(EXPERIMENT) -p figures_dir figures -p tables_dir paper/tables -p numbers_path paper/numbers_a.tex

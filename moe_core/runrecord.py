@@ -72,7 +72,12 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 def git_commit(cwd: Path | None = None) -> dict:
-    """Commit hash and whether the tree had uncommitted changes (None outside a git checkout)."""
+    """Commit hash and whether the tree had uncommitted changes (None outside a git checkout).
+
+    ``MOE_CORE_COMMIT``, when set, wins over git: a copied tree (the lent GPU machines) may carry a
+    stale .git whose HEAD is not the code that runs, and the person who copied it knows the commit."""
+    if os.environ.get("MOE_CORE_COMMIT"):
+        return {"commit": os.environ["MOE_CORE_COMMIT"], "dirty": None, "source": "MOE_CORE_COMMIT"}
     cwd = cwd or Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -83,8 +88,6 @@ def git_commit(cwd: Path | None = None) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("MOE_CORE_COMMIT"):  # a copy of the tree without .git
-        return {"commit": os.environ["MOE_CORE_COMMIT"], "dirty": None, "source": "MOE_CORE_COMMIT"}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 

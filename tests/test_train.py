@@ -214,3 +214,15 @@ def test_papermill_runs_the_notebook_with_overrides(tmp_path, cache_dir):
     assert summary["status"] == "ok" and summary["steps_done"] == 4
     outputs = [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_git_commit_prefers_the_stated_commit(monkeypatch, tmp_path):
+    """A copied tree may carry a stale .git: MOE_CORE_COMMIT, when set, is what the records say."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "stale"], check=True)
+    stale = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.delenv("MOE_CORE_COMMIT", raising=False)
+    assert rr.git_commit(tmp_path) == {"commit": stale, "dirty": False}
+    monkeypatch.setenv("MOE_CORE_COMMIT", "abc1234")
+    assert rr.git_commit(tmp_path) == {"commit": "abc1234", "dirty": None, "source": "MOE_CORE_COMMIT"}
