@@ -76,7 +76,8 @@ def test_tool_number_macros_are_regenerated_not_edited(tmp_path):
     """tools/paper_numbers.py on the bench directories the committed file names reproduces both files."""
     committed = (ROOT / "paper" / "numbers_bench.tex").read_text()
     dirs = {}
-    for macro, option in (("BenchDir", "--bench-dir"), ("CapDir", "--capacity-dir"), ("LatestDir", "--latest-dir")):
+    for macro, option in (("BenchDir", "--bench-dir"), ("CapDir", "--capacity-dir"),
+                          ("CompiledDir", "--compiled-layer-dir"), ("LatestDir", "--latest-dir")):
         found = re.search(rf"\\newcommand\{{\\{macro}\}}\{{(.*)\}}", committed)
         assert found, f"paper/numbers_bench.tex has no \\{macro}"
         dirs[option] = str(ROOT / "runs" / "benchmarks" / found.group(1).replace("\\_", "_"))

@@ -1,7 +1,7 @@
 """The paper's number macros that do not come from the analysis notebooks, so that none is typed by hand.
 
     python tools/paper_numbers.py [--bench-dir runs/benchmarks/<full>] [--capacity-dir runs/benchmarks/<cap>]
-                                  [--latest-dir runs/benchmarks/<newest>]
+                                  [--compiled-layer-dir runs/benchmarks/<dir>] [--latest-dir runs/benchmarks/<newest>]
 
 Writes two files beside the notebooks' numbers_a.tex / numbers_b.tex (and rewrites numbers.tex, which
 inputs them all, through moe_core.results.write_numbers):
@@ -13,7 +13,8 @@ inputs them all, through moe_core.results.write_numbers):
   directory (default: the newest with capacity records): dispatch's fraction of copy bandwidth, the
   cell count, its commit and the checkpoint of its trained routing source. From the latest directory
   (default: the newest with train and layer records, by run id), the same train and layer cells as
-  ``Latest*`` macros with its commit.
+  ``Latest*`` macros with its commit. From the compiled-layer directory (default: the newest layer
+  run with compiled rows): the layer cells under torch.compile as ``Compiled*`` macros.
 - ``numbers_setup.tex``: the experiments' setup as the params files state it (params/smoke.yaml,
   params/experiment_a.yaml expanded by moe_core.sweep; params/experiment_b.yaml), with the training
   defaults every run inherits from TrainConfig.
@@ -129,6 +130,21 @@ def _layer_cells(layer: pd.DataFrame, prefix: str) -> dict:
     return numbers
 
 
+def compiled_layer_numbers(compiled_dir: Path, mode: str = "default") -> dict:
+    """The layer bench under torch.compile ``mode`` (MoE layer and dense FFN compiled alike, as
+    training runs them) as ``Compiled*`` macros, with the directory and date."""
+    layer = pd.read_csv(compiled_dir / "layer.csv")
+    return {"compiled dir": compiled_dir.name, "compiled date": _date(_run_id(compiled_dir, "layer")),
+            **_layer_cells(layer[layer["compile_mode"] == mode], "compiled ")}
+
+
+def newest_compiled(bench_root: Path) -> Path | None:
+    """The bench directory with the newest layer run that has compiled rows."""
+    dirs = [d for d in bench_root.glob("*/") if (d / "layer.csv").exists()
+            and "compile_mode" in (layer := pd.read_csv(d / "layer.csv")) and (layer["compile_mode"] != "none").any()]
+    return max(dirs, key=lambda d: _run_id(d, "layer"), default=None)
+
+
 def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict:
     """H100 speed macros: the full grid of ``bench_dir`` (train with every compile mode, every layer
     backend) as ``Bench*``/``TrainB*``/``LayerE*``, the capacity bench of ``capacity_dir`` as ``Cap*``,
@@ -205,14 +221,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="full grid: train, layer and capacity (default: the newest with all three)")
     parser.add_argument("--capacity-dir", type=Path, default=newest(root, "capacity"),
                         help="the capacity bench (default: the newest with capacity records)")
+    parser.add_argument("--compiled-layer-dir", type=Path, default=newest_compiled(root),
+                        help="layer bench with compiled rows (default: the newest)")
     parser.add_argument("--latest-dir", type=Path, default=newest(root, "train", "layer"),
                         help="newest train and layer records (default: the newest with both)")
     parser.add_argument("--params-dir", type=Path, default=ROOT / "params")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "paper")
     args = parser.parse_args(argv)
-    if args.bench_dir is None or args.latest_dir is None or args.capacity_dir is None:
-        parser.error("no runs/benchmarks/*/ with train.csv, layer.csv and capacity.csv: give --bench-dir")
-    bench = bench_numbers(args.bench_dir, args.latest_dir, args.capacity_dir) | mfu_numbers(root)
+    if None in (args.bench_dir, args.latest_dir, args.capacity_dir, args.compiled_layer_dir):
+        parser.error("bench records not found under runs/benchmarks/: give --bench-dir, --capacity-dir, "
+                     "--compiled-layer-dir and --latest-dir")
+    bench = (bench_numbers(args.bench_dir, args.latest_dir, args.capacity_dir)
+             | compiled_layer_numbers(args.compiled_layer_dir) | mfu_numbers(root))
     for name, numbers in (("numbers_bench.tex", bench),
                           ("numbers_setup.tex", setup_numbers(args.params_dir))):
         path = write_numbers(numbers, args.out_dir / name)
