@@ -52,8 +52,9 @@ def test_params_files_expand():
     assert {"top1_cf1.0_s0", "expert_choice_cf1.0_s0", "dense_s0", "softk_dropless_s0"} <= {r.name for r in smoke}
     _, runs_a = sweep.expand(yaml.safe_load((ROOT / "params/experiment_a.yaml").read_text()))
     names = {r.name for r in runs_a}
-    assert len(runs_a) == 5 * 2 * 3 + 3 + 3
-    assert "softk_cf1.25_s0" in names and "top1_cf1.0_s2" in names
+    seeds = 5  # 5 routers x 2 capacity factors x seeds, plus dropless softk and dense per seed
+    assert len(runs_a) == 5 * 2 * seeds + seeds + seeds
+    assert "softk_cf1.25_s0" in names and "top1_cf1.0_s4" in names and "dense_s4" in names
     assert all(r.params["top_k"] == 1 for r in runs_a if r.params["router"] == "top1")
 
 
