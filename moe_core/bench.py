@@ -287,8 +287,9 @@ class IdentityExperts:
         return x_ND
 
 
-def _compiled(module: torch.nn.Module, mode: str) -> Callable:
-    """``module`` itself for mode "none", else a fresh torch.compile of it (recompiles per backend)."""
+def compiled(module: torch.nn.Module, mode: str) -> Callable:
+    """``module`` itself for mode "none", else a fresh torch.compile of it (dynamo reset first, so a
+    module whose backend changed is traced again). The layer bench and tools/profile_layer.py share it."""
     if mode == "none":
         return module
     torch._dynamo.reset()
@@ -558,11 +559,11 @@ def run_layer(cfg: LayerBenchConfig, out_dir: str | Path | None = None) -> "pd.D
             layer = MoEFeedForward(moe).to(dtype)
         dense_flops = 3.0 * shape["tokens"] * ffn_forward_flops_per_token(moe, router=False)
         for mode in cfg.compile_modes:
-            dense_ms = _guarded(lambda: {"ms": time_median_ms(fwd_bwd(_compiled(dense, mode)), inputs, dev, **timing)}
+            dense_ms = _guarded(lambda: {"ms": time_median_ms(fwd_bwd(compiled(dense, mode)), inputs, dev, **timing)}
                                 ).get("ms", math.nan)
             for backend in cfg.backends:
                 layer.backend = backend
-                result = _guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(_compiled(layer, mode)), inputs, dev,
+                result = _guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(compiled(layer, mode)), inputs, dev,
                                                                     **timing)})
                 moe_ms = result.get("moe_ms", math.nan)
                 rows.append({"bench": "layer", "tokens": shape["tokens"], "dim": moe.dim, "hidden": moe.hidden,

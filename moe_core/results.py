@@ -578,6 +578,7 @@ def ranking_numbers(check: pd.DataFrame) -> dict:
             "PriorClaimUnresolved": int(counts.get("unresolved", 0)), "PriorClaimVerdict": verdict,
             "MeasuredOrder": ", ".join(f"{r} cf{best[r][0]} {format_number(best[r][1])}" for r in measured)}
 
+
 # -- Experiment B: table and numbers ----------------------------------------------------------------
 _BENCH_SETUP = {"tokens": "$T$", "dim": "$D$", "hidden": "$F$", "backend": "Backend", "device_name": "Device",
                 "dtype": "dtype"}  # shown (and put in macro names) only where they vary

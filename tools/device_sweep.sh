@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run (part of) a sweep on the lent GPU machine and bring its records back in one file.
-# What ran Experiment A on one H100 (seed 0: 12 runs in 7m45s; seeds 1-2 plus one rerun: 25 runs in two calls):
+# What ran Experiment A on one H100 (seed 0: 12 runs in 7m45s; seeds 1-2 plus one rerun: 25 runs in two
+# calls; seeds 3-4: one call each, 8 and 5.5 minutes):
 #
 #   here:   SLIM=1 ../shared/device/build_wheelhouse.sh .whl papermill ipykernel altair vl-convert-python pytest
 #           mkdir -p data && cp ../shared/data/tinystories_val.txt data/      # git-ignored, never committed

@@ -10,8 +10,9 @@ inputs them all, through moe_core.results.write_numbers):
   with train, layer and capacity records): train.csv (the real trainer's tokens/s, ms/step, MFU per
   batch x backend x compile mode), layer.csv (MoE layer vs. a dense FFN of equal active FLOPs, every
   backend), the run JSON's device, torch version and measured matmul peak. From the capacity
-  directory (default: the newest with capacity records): dispatch's fraction of copy bandwidth, the
-  cell count, its commit and the checkpoint of its trained routing source. From the latest directory
+  directory (default: the newest with capacity records): dispatch's fraction of copy bandwidth
+  (mean per cell over its bench runs), the cell and run counts and the checkpoint of its trained
+  routing source. From the latest directory
   (default: the newest with train and layer records, by run id), the same train and layer cells as
   ``Latest*`` macros with its commit. From the compiled-layer directory (default: the newest layer
   run with compiled rows): the layer cells under torch.compile as ``Compiled*`` macros.

@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_core import MoEConfig, MoEFeedForward
+from moe_core.bench import compiled
 from moe_core.model import DenseFeedForward
 
 
@@ -38,8 +39,7 @@ def main(backend="grouped", experts=8, top_k=2, hidden=4096, compile_mode="none"
                     capacity_factor=1.25, backend=backend)
     layer = MoEFeedForward(cfg).cuda().bfloat16()
     dense = DenseFeedForward(dim, top_k * hidden, "gelu").cuda().bfloat16()
-    if compile_mode != "none":
-        layer, dense = torch.compile(layer, mode=compile_mode), torch.compile(dense, mode=compile_mode)
+    layer, dense = compiled(layer, compile_mode), compiled(dense, compile_mode)
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
 
