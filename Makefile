@@ -53,7 +53,7 @@ paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_b.ipynb executed/$(EXPERIMENT)/analysis_b.ipynb \
 		-p experiment $(EXPERIMENT) -p bench_dir $(CAPACITY_DIR) -p figures_dir figures -p tables_dir paper/tables \
 		-p numbers_path paper/numbers_b.tex
-	$(BIN)/python tools/paper_numbers.py --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR)
+	$(BIN)/python -m moe_core.analysis.paper --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR)
 
 paper-clean:
 	cd paper && $(LATEXMK) -C main.tex slides.tex

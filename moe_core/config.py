@@ -38,6 +38,14 @@ def parse_overrides(items, text_fields=()) -> dict:
     return overrides
 
 
+def cf_label(capacity_factor: float | None) -> str:
+    """The one spelling of a capacity factor, in run names and tables alike: 'dropless' for None
+    (or NaN, as pandas stores it), else the float as Python writes it: '1.0', '1.25', '2.0'."""
+    if capacity_factor is None or capacity_factor != capacity_factor:
+        return "dropless"
+    return str(float(capacity_factor))
+
+
 def _check(ok: bool, name: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {msg}")

@@ -33,7 +33,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from . import runrecord as rr
+from . import records as rr
+from .config import cf_label
 from .train import TrainConfig
 
 SWEEP_KEYS = ("experiment", "notebook", "defaults", "grid", "runs")
@@ -47,8 +48,8 @@ class Run:
     params: dict  # every TrainConfig field this run sets (defaults + overrides + experiment/run)
 
 
-def _format_value(value) -> str:
-    return "dropless" if value is None else str(value)
+def _format_value(key: str, value) -> str:
+    return cf_label(value) if key == "capacity_factor" else str(value)
 
 
 def derive_name(overrides: dict) -> str:
@@ -61,7 +62,7 @@ def derive_name(overrides: dict) -> str:
         elif key == "capacity_factor" and value is None:
             parts.append("dropless")
         else:
-            parts.append(f"{ABBREV.get(key, key)}{_format_value(value)}")
+            parts.append(f"{ABBREV.get(key, key)}{_format_value(key, value)}")
     return "_".join(parts) or "default"
 
 
@@ -104,7 +105,7 @@ def expand(spec: dict, sets: dict | None = None, source: str = "params") -> tupl
         raise ValueError(f"{source}: no runs (give 'grid' and/or 'runs')")
     runs, seen = [], {}
     for template, overrides in entries:
-        name = template.format(**{k: _format_value(v) for k, v in overrides.items()}) if template \
+        name = template.format(**{k: _format_value(k, v) for k, v in overrides.items()}) if template \
             else derive_name(overrides)
         if name in seen:
             raise ValueError(f"{source}: two runs are named {name!r} ({seen[name]} and {overrides})")

@@ -11,7 +11,8 @@ import papermill
 import pytest
 from test_results import SPECS, train_runs
 
-from moe_core import bench, results
+from moe_core import bench
+from moe_core.analysis import results
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES_A = ("frontier", "training_curve", "routing_stats", "iso_flop")
@@ -70,13 +71,13 @@ def test_experiment_a_table_matches_records(records, outputs):
         return math.exp(json.loads((runs / run / "summary.json").read_text())["best_val_loss"])
 
     rows = {(row[0], row[2]): row for row in table_rows(outputs / "tables/exp.tex")}
-    assert set(rows) == {("top1", "1"), ("softk", "1.25"), ("dense", "--")}
+    assert set(rows) == {("top1", "1.0"), ("softk", "1.25"), ("dense", "--")}
     softk = [best_ppl(f"softk_cf1.25_s{s}") for s in (0, 1)]
     ci = results.t_quantile(0.975, 1) * statistics.stdev(softk) / math.sqrt(2)
     assert rows["softk", "1.25"][3] == "2"  # seeds
     assert rows["softk", "1.25"][4] == f"{results.format_number(statistics.mean(softk))} $\\pm$ " \
                                        f"{results.format_number(ci, 2)}"
-    assert rows["top1", "1"][4] == results.format_number(best_ppl("top1_cf1.0_s0"))
+    assert rows["top1", "1.0"][4] == results.format_number(best_ppl("top1_cf1.0_s0"))
     assert rows["dense", "--"][4] == results.format_number(best_ppl("dense_s0"))
     macros = (outputs / "paper/numbers_a.tex").read_text()
     assert f"\\newcommand{{\\SoftkCfOnePtTwoFivePpl}}{{{results.format_number(statistics.mean(softk))}}}" in macros
@@ -91,8 +92,8 @@ def test_experiment_b_table_matches_records(records, outputs):
         row = rows[cell["source"], str(cell["top_k"]), cell["cf_label"]]
         assert row[4] == results.format_number(100 * cell["drop_rate"])
     macros = (outputs / "paper/numbers_b.tex").read_text()
-    cell = next(c for c in cells if c["source"] == "random" and c["top_k"] == 2 and c["cf_label"] == "1")
-    assert f"\\CapRandomEFourKTwoCfOneDropPct}}{{{results.format_number(100 * cell['drop_rate'])}}}" in macros
+    cell = next(c for c in cells if c["source"] == "random" and c["top_k"] == 2 and c["cf_label"] == "1.0")
+    assert f"\\CapRandomEFourKTwoCfOnePtZeroDropPct}}{{{results.format_number(100 * cell['drop_rate'])}}}" in macros
     assert "\\newcommand{\\SoftkBestCf}{1.25}" in macros
 
 

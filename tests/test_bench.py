@@ -148,7 +148,7 @@ def test_cli_small_writes_records(checkpoint, tmp_path, capsys):
     assert "== capacity" in stdout and "== layer" in stdout
     rows = [json.loads(line) for line in (out / "capacity.jsonl").read_text().splitlines()]
     assert [(r["source"], r["num_experts"], r["cf_label"]) for r in rows] == [
-        ("random", 8, "1"), ("random", 8, "dropless"), ("checkpoint", CKPT_E, "1"), ("checkpoint", CKPT_E, "dropless")]
+        ("random", 8, "1.0"), ("random", 8, "dropless"), ("checkpoint", CKPT_E, "1.0"), ("checkpoint", CKPT_E, "dropless")]
     assert all(r["status"] == "ok" and r["dispatch_ms"] > 0 and r["layer_tokens_per_s"] > 0 for r in rows)
     assert rows[2]["logit_sets"] == 2  # one per MoE layer of the checkpoint
     assert all(r["drop_rate"] == 0 for r in rows if r["cf_label"] == "dropless")

@@ -10,7 +10,7 @@ import torch
 
 from moe_core import data as D
 from moe_core.data import DataConfig, load_corpus, load_data
-from moe_core.synthetic import PLOTS, generate_stories
+from moe_core.data.synthetic import PLOTS, generate_stories
 
 SHARED_VAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinystories_val.txt"
 S = 32  # seq len of the small configs

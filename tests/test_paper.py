@@ -3,7 +3,7 @@ temporary copy of paper/ and figures/: the paper's body runs to at least six pag
 references, the slides have 8-12 frames, and neither log reports an undefined reference, citation
 or number macro. Skipped where latexmk is missing (CI installs TeX Live, so there it runs).
 
-Also: the committed number macros of tools/paper_numbers.py are what the script makes from the
+Also: the committed number macros of moe_core.analysis.paper are what the script makes from the
 committed bench records and params files (so they were regenerated, not edited)."""
 import re
 import shutil
@@ -73,7 +73,7 @@ def test_no_undefined_references_citations_or_numbers(built, name):
 
 
 def test_tool_number_macros_are_regenerated_not_edited(tmp_path):
-    """tools/paper_numbers.py on the bench directories the committed file names reproduces both files."""
+    """moe_core.analysis.paper on the bench directories the committed file names reproduces both files."""
     committed = (ROOT / "paper" / "numbers_bench.tex").read_text()
     dirs = {}
     for macro, option in (("BenchDir", "--bench-dir"), ("CapDir", "--capacity-dir"),
@@ -81,8 +81,8 @@ def test_tool_number_macros_are_regenerated_not_edited(tmp_path):
         found = re.search(rf"\\newcommand\{{\\{macro}\}}\{{(.*)\}}", committed)
         assert found, f"paper/numbers_bench.tex has no \\{macro}"
         dirs[option] = str(ROOT / "runs" / "benchmarks" / found.group(1).replace("\\_", "_"))
-    subprocess.run([sys.executable, str(ROOT / "tools" / "paper_numbers.py"), *(x for kv in dirs.items() for x in kv),
-                    "--out-dir", str(tmp_path)], check=True, capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "moe_core.analysis.paper", *(x for kv in dirs.items() for x in kv),
+                    "--out-dir", str(tmp_path)], check=True, capture_output=True, timeout=60, cwd=ROOT)
     for name in ("numbers_bench.tex", "numbers_setup.tex"):
         assert (tmp_path / name).read_text() == (ROOT / "paper" / name).read_text(), \
-            f"paper/{name} differs from what tools/paper_numbers.py writes: rerun it, do not edit the file"
+            f"paper/{name} differs from what moe_core.analysis.paper writes: rerun it, do not edit the file"

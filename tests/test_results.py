@@ -8,7 +8,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from moe_core import results
+from moe_core.analysis import results
 from moe_core import train as train_mod
 from moe_core.flops import train_flops_per_token
 from moe_core.train import TrainConfig, train
@@ -83,7 +83,7 @@ def test_seed_aggregate_mean_std_ci_from_records(runs_dir, loaded):
     assert row["best_val_ppl_std"] == pytest.approx(statistics.stdev(ppl))
     assert row["best_val_ppl_ci95"] == pytest.approx(T_975[1] * statistics.stdev(ppl) / math.sqrt(2), rel=1e-4)
     assert row["median_tokens_per_s_mean"] == pytest.approx(statistics.mean(tok_s))
-    one = results.run_table(loaded.runs).set_index("name").loc["top1 cf1"]
+    one = results.run_table(loaded.runs).set_index("name").loc["top1 cf1.0"]
     assert one["n_runs"] == 1 and math.isnan(one["best_val_ppl_std"]) and math.isnan(one["best_val_ppl_ci95"])
 
 
@@ -144,7 +144,7 @@ def test_failed_and_diverged_runs_are_listed_not_aggregated(loaded):
     listed = results.failed_runs(loaded.runs)
     assert set(listed["run"]) == {"hash_cf1.25_s0", "topk_hard_cf1.25_s0"}
     names = set(results.run_table(loaded.runs)["name"])
-    assert names == {"top1 cf1", "softk cf1.25", "expert_choice cf1.25", "dense"}
+    assert names == {"top1 cf1.0", "softk cf1.25", "expert_choice cf1.25", "dense"}
     assert "topk_hard cf1.25" not in set(results.curves(loaded.evals)["name"])
 
 
@@ -180,10 +180,10 @@ def test_iso_flop_is_tokens_times_flops_per_token(runs_dir, loaded):
 
     curve = results.curves(evals)
     budget, iso = results.loss_at_flops(curve)
-    top1 = curve[curve["name"] == "top1 cf1"]
+    top1 = curve[curve["name"] == "top1 cf1.0"]
     assert budget == pytest.approx(top1["train_flops"].max())  # the smallest final compute: top1's
     at = iso.set_index("name")["val_loss_mean_at_budget"]
-    assert at["top1 cf1"] == pytest.approx(top1["val_loss_mean"].iloc[-1])
+    assert at["top1 cf1.0"] == pytest.approx(top1["val_loss_mean"].iloc[-1])
     softk = curve[curve["name"] == "softk cf1.25"]
     assert softk["val_loss_mean"].min() <= at["softk cf1.25"] <= softk["val_loss_mean"].max()
     assert results.loss_at_flops(curve, budget=1.0)[1]["val_loss_mean_at_budget"].isna().all()  # not extrapolated

@@ -12,7 +12,7 @@ import nbformat
 import pytest
 import yaml
 
-from moe_core import runrecord as rr
+from moe_core import records as rr
 from moe_core import train as train_mod
 from moe_core.train import TrainConfig, train
 

@@ -41,7 +41,7 @@ THEME = {
     "point": {"size": 24, "filled": True},
     "range": {"category": list(OKABE_ITO)},
 }
-CF_SHAPES = {"1": "circle", "1.25": "square", "1.5": "diamond", "2": "triangle-down", "dropless": "triangle-up"}
+CF_SHAPES = {"1.0": "circle", "1.25": "square", "1.5": "diamond", "2.0": "triangle-down", "dropless": "triangle-up"}
 STAT_UNITS = {"drop_rate": "drop rate (fraction of assignments)",
               "load_cv": "load CV (std/mean of tokens per expert)",
               "gate_entropy": "gate entropy (nats)"}

@@ -497,6 +497,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     bench(args.mb, args.bpe_vocab)
 
-
-if __name__ == "__main__":
-    main()

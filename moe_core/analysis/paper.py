@@ -1,6 +1,6 @@
 """The paper's number macros that do not come from the analysis notebooks, so that none is typed by hand.
 
-    python tools/paper_numbers.py [--bench-dir runs/benchmarks/<full>] [--capacity-dir runs/benchmarks/<cap>]
+    python -m moe_core.analysis.paper [--bench-dir runs/benchmarks/<full>] [--capacity-dir runs/benchmarks/<cap>]
                                   [--compiled-layer-dir runs/benchmarks/<dir>] [--latest-dir runs/benchmarks/<newest>]
 
 Writes two files beside the notebooks' numbers_a.tex / numbers_b.tex (and rewrites numbers.tex, which
@@ -32,12 +32,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from moe_core import sweep
-from moe_core.bench import cf_label
-from moe_core.results import TeX, format_number, write_numbers
-from moe_core.train import TrainConfig
+from .. import sweep
+from ..config import cf_label
+from .results import TeX, format_number, write_numbers
+from ..train import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETUP_FIELDS = ("dim", "layers", "heads", "hidden", "num_experts", "top_k", "seq_len", "batch_size", "steps",
                 "warmup", "lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval",
                 "eval_windows", "aux_loss_coef", "z_loss_coef", "bias_update_rate")
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, numbers in (("numbers_bench.tex", bench),
                           ("numbers_setup.tex", setup_numbers(args.params_dir))):
         path = write_numbers(numbers, args.out_dir / name)
-        path.write_text(f"% Written by tools/paper_numbers.py ({GENERATED[name]}).\n" + path.read_text())
+        path.write_text(f"% Written by python -m moe_core.analysis.paper ({GENERATED[name]}).\n" + path.read_text())
         print(path, f"({len(numbers)} macros)")
 
 

@@ -35,15 +35,15 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import yaml
 
-from . import runrecord as rr
-from .config import MoEConfig, ModelConfig, parse_overrides
-from .dispatch import BACKEND_FNS, buffer_capacity
-from .flops import ffn_forward_flops_per_token, peak_flops
-from .model import DenseFeedForward, TinyMoEModel
-from .moe import MoEFeedForward
-from .routing import Router, Routing, capacity_for, routing_metrics
+from .. import records as rr
+from ..config import MoEConfig, ModelConfig, cf_label, parse_overrides
+from ..dispatch import BACKEND_FNS, buffer_capacity
+from ..flops import ffn_forward_flops_per_token, peak_flops
+from ..model import DenseFeedForward, TinyMoEModel
+from ..moe import MoEFeedForward
+from ..routing import Router, Routing, capacity_for, routing_metrics
 
-PARAMS = Path(__file__).resolve().parent.parent / "params" / "experiment_b.yaml"
+PARAMS = Path(__file__).resolve().parents[2] / "params" / "experiment_b.yaml"
 DEFAULT_OUT = "runs/experiment_b"
 SOURCE_KINDS = ("random", "skewed[:S]", "checkpoint[:PATH]")
 LOGIT_ROUTERS = ("top1", "topk_hard", "softk")  # token-choice routers that read logits
@@ -54,13 +54,6 @@ COPY_BYTES = {"cuda": 1 << 28, "cpu": 1 << 25}  # per buffer of the copy-bandwid
 def _require(ok: bool, owner: str, name: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{owner}.{name}: {msg}")
-
-
-def cf_label(capacity_factor: float | None) -> str:
-    """'dropless' for None (or NaN, as pandas stores it), else the factor as written: '1.25'."""
-    if capacity_factor is None or capacity_factor != capacity_factor:
-        return "dropless"
-    return f"{capacity_factor:g}"
 
 
 # -- routing sources --------------------------------------------------------------------------------
@@ -128,7 +121,7 @@ def router_logits_from_checkpoint(path: str | Path, num_tokens: int, *, device: 
     rest from the config keys that exist, so older or partial configs still load. Logits are the
     router's (before any aux-free bias, which changes selection only).
     """
-    from .data import DataConfig, load_data  # imported here: the bench needs data only for this source
+    from ..data import DataConfig, load_data  # imported here: the bench needs data only for this source
 
     path = Path(path)
     if not path.is_file():
@@ -439,7 +432,7 @@ class LayerBenchConfig(BenchConfig):
                      f"each shape maps exactly {', '.join(self.SHAPE_KEYS)} to integers >= 1, got {shape!r}")
         unknown = sorted(set(self.backends) - set(BACKEND_FNS))
         _require(bool(self.backends) and not unknown, owner, "backends", f"unknown {unknown}; valid: {', '.join(BACKEND_FNS)}")
-        from .train import COMPILE_MODES
+        from ..train import COMPILE_MODES
 
         bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
         _require(bool(self.compile_modes) and not bad_modes, owner, "compile_modes",
@@ -623,7 +616,7 @@ class TrainBenchConfig(BenchConfig):
     SECTION = "train"
 
     def train_configs(self, out_dir: str) -> list:
-        from .train import TrainConfig
+        from ..train import TrainConfig
 
         routers = self.routers or [self.model.get("router", "softk")]
         model = {k: v for k, v in self.model.items() if k != "router"}
@@ -646,7 +639,7 @@ class TrainBenchConfig(BenchConfig):
 def run_train(cfg: TrainBenchConfig, out_dir: str | Path | None = None) -> "pd.DataFrame":
     import tempfile
 
-    from .train import train
+    from ..train import train
 
     rows = []
     with tempfile.TemporaryDirectory() as runs_dir:
@@ -675,7 +668,7 @@ def training_runs(runs_dir: str | Path, experiment: str = "experiment_a") -> "pd
     perplexity, median tokens/s."""
     import pandas as pd
 
-    from .results import load_experiment  # results imports this module (cf_label)
+    from ..analysis.results import load_experiment  # results imports this module (cf_label)
 
     runs = load_experiment(runs_dir, experiment).runs
     if runs.empty or "best_val_ppl" not in runs:
@@ -786,6 +779,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(df, name))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

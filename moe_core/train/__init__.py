@@ -5,7 +5,7 @@ torch.compile) and ``torchrun`` DDP. Under DDP ``batch_size`` is the global batc
 rows [r*B:(r+1)*B] of the batch a single process would draw, so the data seen does not depend on the
 number of ranks, while each rank's micro-batch is its own routing group (capacity is per rank).
 
-Records live in ``<out_dir>/<experiment>/<run>/`` (see moe_core.runrecord). A run started again
+Records live in ``<out_dir>/<experiment>/<run>/`` (see moe_core.records). A run started again
 with the same config resumes from its checkpoint; one whose summary says ok (or diverged) is not
 retrained; a different config in the same directory is an error.
 
@@ -38,11 +38,11 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from . import runrecord as rr
-from .config import MoEConfig, ModelConfig, canonical_router, parse_overrides
-from .data import DataConfig, load_data
-from .flops import peak_flops, train_flops_per_token
-from .model import TinyMoEModel
+from .. import records as rr
+from ..config import MoEConfig, ModelConfig, canonical_router, parse_overrides
+from ..data import DataConfig, load_data
+from ..flops import peak_flops, train_flops_per_token
+from ..model import TinyMoEModel
 
 STAT_FIELDS = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy")
 # May differ between a stopped run and its resumption: they steer the process, not the result.
@@ -735,6 +735,3 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.summary, indent=2))
     return 0 if result.status in ("ok", "stopped") else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,11 +28,11 @@ from typing import Iterable, NamedTuple
 import numpy as np
 import pandas as pd
 
-from . import ROUTERS
-from . import runrecord as rr
-from .bench import cf_label
-from .flops import train_flops_per_token
-from .train import RUN_CONTROL_FIELDS, TrainConfig
+from ..config import ROUTERS
+from .. import records as rr
+from ..config import cf_label
+from ..flops import train_flops_per_token
+from ..train import RUN_CONTROL_FIELDS, TrainConfig
 
 REPLICATE_FIELDS = ("seed", *RUN_CONTROL_FIELDS)  # vary between replicates of one config
 LABELS = (*ROUTERS, "dense")  # display order of routers in tables and legends
