@@ -46,7 +46,8 @@ def cf_label(capacity_factor: float | None) -> str:
     return str(float(capacity_factor))
 
 
-def _check(ok: bool, name: str, msg: str) -> None:
+def require(ok: bool, name: str, msg: str) -> None:
+    """The one validator: a ValueError that names the bad field, ``name: msg``."""
     if not ok:
         raise ValueError(f"{name}: {msg}")
 
@@ -82,32 +83,32 @@ class MoEConfig:
         self.router = canonical_router(self.router)
         for name in ("dim", "hidden", "num_experts", "top_k"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                    name, f"must be an integer >= 1, got {value!r}")
-        _check(self.top_k <= self.num_experts, "top_k",
+        require(self.top_k <= self.num_experts, "top_k",
                f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.router == "top1":
-            _check(self.top_k == 1, "top_k", f"router top1 routes to one expert, got top_k={self.top_k}")
+            require(self.top_k == 1, "top_k", f"router top1 routes to one expert, got top_k={self.top_k}")
         if self.capacity_factor is not None:
-            _check(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
+            require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
                    "capacity_factor", f"must be > 0 or None (dropless), got {self.capacity_factor!r}")
             self.capacity_factor = float(self.capacity_factor)
-        _check(not (self.router == "expert_choice" and self.capacity_factor is None), "capacity_factor",
+        require(not (self.router == "expert_choice" and self.capacity_factor is None), "capacity_factor",
                "expert_choice needs a capacity factor (each expert picks C tokens)")
-        _check(self.drop_policy in DROP_POLICIES, "drop_policy",
+        require(self.drop_policy in DROP_POLICIES, "drop_policy",
                f"unknown {self.drop_policy!r}; valid: {', '.join(DROP_POLICIES)}")
-        _check(self.backend in BACKENDS, "backend", f"unknown {self.backend!r}; valid: {', '.join(BACKENDS)}")
-        _check(self.activation in ACTIVATIONS, "activation",
+        require(self.backend in BACKENDS, "backend", f"unknown {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        require(self.activation in ACTIVATIONS, "activation",
                f"unknown {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        _check(self.ec_eval in EC_EVAL_MODES, "ec_eval",
+        require(self.ec_eval in EC_EVAL_MODES, "ec_eval",
                f"unknown {self.ec_eval!r}; valid: {', '.join(EC_EVAL_MODES)}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_init_std"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and value >= 0, name, f"must be >= 0, got {value!r}")
+            require(isinstance(value, (int, float)) and value >= 0, name, f"must be >= 0, got {value!r}")
         if self.hash_vocab_size is not None:
-            _check(isinstance(self.hash_vocab_size, int) and self.hash_vocab_size >= 1, "hash_vocab_size",
+            require(isinstance(self.hash_vocab_size, int) and self.hash_vocab_size >= 1, "hash_vocab_size",
                    f"must be an integer >= 1, got {self.hash_vocab_size!r}")
-        _check(not (self.aux_free_bias and self.router in ("hash", "expert_choice")), "aux_free_bias",
+        require(not (self.aux_free_bias and self.router in ("hash", "expert_choice")), "aux_free_bias",
                f"bias balancing applies to token-choice routers with a learned router, not {self.router}")
 
 
@@ -136,18 +137,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "dim", "layers", "heads", "moe_every"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                    name, f"must be an integer >= 1, got {value!r}")
-        _check(self.dim % self.heads == 0, "heads", f"dim={self.dim} is not divisible by heads={self.heads}")
-        _check(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig")
-        _check(self.moe.dim == self.dim, "moe.dim", f"moe.dim={self.moe.dim} differs from dim={self.dim}")
-        _check(self.ffn in FFN_KINDS, "ffn", f"unknown {self.ffn!r}; valid: {', '.join(FFN_KINDS)}")
-        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
-        _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std!r}")
+        require(self.dim % self.heads == 0, "heads", f"dim={self.dim} is not divisible by heads={self.heads}")
+        require(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig")
+        require(self.moe.dim == self.dim, "moe.dim", f"moe.dim={self.moe.dim} differs from dim={self.dim}")
+        require(self.ffn in FFN_KINDS, "ffn", f"unknown {self.ffn!r}; valid: {', '.join(FFN_KINDS)}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std!r}")
         if self.moe.router == "hash":
             if self.moe.hash_vocab_size is None:  # a copy: the caller's MoEConfig is left as it was
                 self.moe = replace(self.moe, hash_vocab_size=self.vocab_size)
-            _check(self.moe.hash_vocab_size == self.vocab_size, "moe.hash_vocab_size",
+            require(self.moe.hash_vocab_size == self.vocab_size, "moe.hash_vocab_size",
                    f"{self.moe.hash_vocab_size} differs from vocab_size={self.vocab_size}")
 
     def is_moe_layer(self, i: int) -> bool:

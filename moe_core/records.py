@@ -24,11 +24,15 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` and rename over `path` (atomic on POSIX)."""
+def atomic_write(path: Path, write) -> None:
+    """Write through `write(tmp_path)` and rename over `path` (atomic on POSIX): readers never see a
+    half-written file, even with several writers; the temporary file is removed if writing fails."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def jsonable(value: Any) -> Any:
@@ -44,7 +48,7 @@ def jsonable(value: Any) -> Any:
 
 def write_json(path: Path, obj: dict) -> None:
     text = json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> dict | None:
@@ -53,7 +57,7 @@ def read_json(path: Path) -> dict | None:
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     text = "".join(json.dumps(jsonable(row), allow_nan=False) + "\n" for row in rows)
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -63,7 +67,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict | None:

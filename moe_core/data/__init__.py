@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import synthetic
+from ..records import atomic_write
 
 SPLITS = ("train", "validation")
 CORPORA = ("synthetic", "tinystories", "tinystories:DIR", "text:PATH[,PATH...]")
@@ -287,19 +288,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers never see a half-written file, even with several ranks building at once."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_token_cache(stem: Path, ids_T: np.ndarray, meta: dict) -> tuple[np.memmap, dict]:
     """Tokens to STEM.bin, then metadata to STEM.json (the JSON marks the pair complete)."""
     dtype = token_dtype(meta["vocab_size"])
     meta = {**meta, "dtype": dtype.name}
-    _atomic_write(stem.with_suffix(".bin"), ids_T.astype(dtype).tobytes())
-    _atomic_write(stem.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    atomic_write(stem.with_suffix(".bin"), lambda tmp: tmp.write_bytes(ids_T.astype(dtype).tobytes()))
+    atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_bytes(json.dumps(meta, indent=1).encode()))
     return np.memmap(stem.with_suffix(".bin"), dtype=dtype, mode="r"), meta
 
 
@@ -379,7 +373,7 @@ def _load_tokenizer(cfg: DataConfig, corpus_key: dict, train_docs: Callable[[], 
     if path.is_file():
         return cls.from_json(path.read_text())
     tok = CharTokenizer.train(train_docs()) if kind == "char" else HFTokenizer.train_bpe(train_docs(), cfg.vocab_size)
-    _atomic_write(path, tok.to_json().encode())
+    atomic_write(path, lambda tmp: tmp.write_bytes(tok.to_json().encode()))
     return tok
 
 
