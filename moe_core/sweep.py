@@ -40,6 +40,9 @@ from .train import TrainConfig
 SWEEP_KEYS = ("experiment", "notebook", "defaults", "grid", "runs")
 ABBREV = {"capacity_factor": "cf", "seed": "s", "top_k": "k", "num_experts": "e"}
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
+# The kernel's own log (e.g. its warning that local TCP is unencrypted) is nothing a user can act on;
+# errors still show, and the notebook's outputs, warnings included, are in the executed notebook.
+QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 
 
 @dataclass
@@ -148,7 +151,7 @@ def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path) -> dic
     params = {**run.params, "out_dir": str(runs_dir)}
     try:
         papermill.execute_notebook(str(notebook), str(out_nb), parameters=params, progress_bar=False,
-                                   kernel_name="python3", cwd=str(Path.cwd()))
+                                   kernel_name="python3", cwd=str(Path.cwd()), extra_arguments=QUIET_KERNEL)
     except Exception as err:  # noqa: BLE001 - any failure of one run is recorded and the sweep goes on
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         run_dir = runs_dir / run.params["experiment"] / run.name
