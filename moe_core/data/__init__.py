@@ -19,12 +19,10 @@ same bytes and bits per byte compare across them.
 Legend: B batch, S seq len, T tokens, W windows.
 """
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -33,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import synthetic
 from ..records import atomic_write
+from . import synthetic
 
 SPLITS = ("train", "validation")
 CORPORA = ("synthetic", "tinystories", "tinystories:DIR", "text:PATH[,PATH...]")
@@ -462,32 +460,4 @@ def load_data(cfg: DataConfig) -> TokenData:
 
     tok = _load_tokenizer(cfg, corpus_key, lambda: docs("train"))
     return TokenData(cfg, tok, {s: _split_tokens(cfg, corpus_key, tok, s, docs) for s in SPLITS})
-
-
-def bench(megabytes: float, bpe_vocab: int) -> None:
-    """Tokenization throughput on synthetic text (a benchmark, not a test)."""
-    t0 = time.perf_counter()
-    docs = [s + DOC_SEP for s in synthetic.generate_stories(int(megabytes * 1e6))]
-    n_bytes = sum(len(d.encode()) for d in docs)
-    print(f"synthetic text: {n_bytes / 1e6:.1f} MB, {len(docs)} stories, "
-          f"generated in {time.perf_counter() - t0:.2f} s")
-    for name, train in (("char", CharTokenizer.train),
-                        (f"bpe-{bpe_vocab}", lambda d: HFTokenizer.train_bpe(d, bpe_vocab))):
-        t0 = time.perf_counter()
-        tok = train(docs)
-        t1 = time.perf_counter()
-        ids_T = tok.encode_docs(docs)
-        t2 = time.perf_counter()
-        print(f"{name:>9}: vocab {tok.vocab_size:5d}  train {t1 - t0:5.2f} s  encode {t2 - t1:5.2f} s "
-              f"= {n_bytes / 1e6 / (t2 - t1):6.1f} MB/s  ({n_bytes / len(ids_T):.2f} bytes/token)")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moe_core.data")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench_args = sub.add_parser("bench", help="tokenization throughput on synthetic text")
-    bench_args.add_argument("--mb", type=float, default=10.0)
-    bench_args.add_argument("--bpe-vocab", type=int, default=512)
-    args = parser.parse_args(argv)
-    bench(args.mb, args.bpe_vocab)
 
