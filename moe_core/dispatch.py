@@ -57,9 +57,11 @@ class Experts(torch.nn.Module):
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` needs bf16 on CUDA (any float on CPU) and 16-byte aligned row strides."""
+    """``torch._grouped_mm`` needs bf16 on CUDA (float32, bf16 or fp16 on CPU: not float64) and
+    16-byte aligned row strides."""
     row_bytes = (x_ND.shape[-1] * x_ND.element_size(), w_EDF.shape[-1] * x_ND.element_size())
-    dtype_ok = x_ND.device.type == "cpu" or x_ND.dtype == torch.bfloat16
+    cpu_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    dtype_ok = x_ND.dtype == torch.bfloat16 or (x_ND.device.type == "cpu" and x_ND.dtype in cpu_dtypes)
     return dtype_ok and all(b % 16 == 0 for b in row_bytes)
 
 

@@ -162,7 +162,8 @@ class Router(torch.nn.Module):
         if cfg.router == "top1":
             weight_TK = chosen_TK
         elif cfg.router == "topk_hard":
-            weight_TK = 1.0 / cfg.top_k + chosen_TK - chosen_TK.detach()
+            # p - stopgrad(p) first: exactly 0, so the weight is exactly 1/k (1/k + p - p rounds)
+            weight_TK = chosen_TK - chosen_TK.detach() + 1.0 / cfg.top_k
         else:  # softk: softmax over the k chosen logits == p renormalised over the chosen set
             weight_TK = torch.softmax(logits_TE.gather(1, expert_TK), dim=-1)
         routing = self._token_choice(expert_TK, weight_TK, cfg.capacity_factor)
