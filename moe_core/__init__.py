@@ -1,5 +1,5 @@
 """moe_core: a small, tested PyTorch package for studying Mixture-of-Experts routing."""
-from .config import ROUTERS, MoEConfig, ModelConfig
+from .config import ROUTERS, ModelConfig, MoEConfig
 from .model import ModelOutput, TinyMoEModel
 from .moe import MoEFeedForward, MoEStats
 

@@ -57,9 +57,11 @@ class Experts(torch.nn.Module):
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` needs bf16 on CUDA (any float on CPU) and 16-byte aligned row strides."""
+    """``torch._grouped_mm`` needs bf16 on CUDA (float32, bf16 or fp16 on CPU: not float64) and
+    16-byte aligned row strides."""
     row_bytes = (x_ND.shape[-1] * x_ND.element_size(), w_EDF.shape[-1] * x_ND.element_size())
-    dtype_ok = x_ND.device.type == "cpu" or x_ND.dtype == torch.bfloat16
+    cpu_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    dtype_ok = x_ND.dtype == torch.bfloat16 or (x_ND.device.type == "cpu" and x_ND.dtype in cpu_dtypes)
     return dtype_ok and all(b % 16 == 0 for b in row_bytes)
 
 
@@ -92,10 +94,10 @@ def _combine(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
     T, D = routing.num_tokens, out_AD.shape[-1]
     weight_A = routing.weight_A.to(out_AD.dtype)
     if routing.layout == "token":
-        K = routing.slots_per_token
+        K = routing.top_k
         return (out_AD.view(T, K, D) * weight_A.view(T, K, 1)).sum(1)
     y_TD = out_AD.new_zeros(T, D)
-    C = routing.slots_per_token
+    C = routing.capacity
     for block_CD, w_C, tokens_C in zip(out_AD.split(C), weight_A.split(C), routing.token_A.split(C)):
         y_TD = y_TD.index_add(0, tokens_C, block_CD * w_C.unsqueeze(-1))
     return y_TD
@@ -105,7 +107,7 @@ def _assignment_inputs(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """x of each assignment, [A, D]. Token-major layout is a broadcast, whose backward is a sum over
     K instead of an accumulating scatter."""
     if routing.layout == "token":
-        K = routing.slots_per_token
+        K = routing.top_k
         return x_TD.unsqueeze(1).expand(-1, K, -1).reshape(-1, x_TD.shape[-1])
     return x_TD[routing.token_A]
 

@@ -22,7 +22,7 @@ from functools import cache
 
 import torch
 
-from .config import MoEConfig, ModelConfig
+from .config import ModelConfig, MoEConfig
 
 
 def ffn_forward_flops_per_token(moe: MoEConfig, *, router: bool = True) -> float:

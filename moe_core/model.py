@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .config import MoEConfig, ModelConfig
+from .config import ModelConfig, MoEConfig
 from .moe import MoEFeedForward, MoEStats
 
 

@@ -4,7 +4,7 @@ Legend: T tokens (all leading dims of x flattened: one routing group), D model d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -25,9 +25,6 @@ class MoEStats:
     max_vio: torch.Tensor
     gate_entropy: torch.Tensor  # NaN for hash
     tokens_per_expert: torch.Tensor  # [E] assignments before capacity
-
-    def detached(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name).detach() for f in fields(self)}
 
 
 class MoEFeedForward(torch.nn.Module):

@@ -117,9 +117,3 @@ def environment(device: torch.device) -> dict:
         "argv": sys.argv,
     }
 
-
-def metrics_frame(run_dir: str | Path):
-    """metrics.jsonl of one run as a pandas DataFrame (one row per evaluation)."""
-    import pandas as pd
-
-    return pd.DataFrame(read_metrics(Path(run_dir) / METRICS_FILE))

@@ -41,7 +41,7 @@ class Routing:
     num_tokens: int
     num_experts: int
     layout: str  # "token" or "expert"
-    slots_per_token: int  # K for layout "token", C for layout "expert"
+    top_k: int | None  # K assignments per token for layout "token"; None for "expert" (its blocks hold C)
 
 
 def capacity_for(capacity_factor: float | None, num_tokens: int, top_k: int, num_experts: int) -> int | None:
@@ -97,7 +97,7 @@ def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> np.n
 
 
 class Router(torch.nn.Module):
-    """Router weights plus the routing rules of ARCHITECTURE.md.
+    """Router weights plus the routing rules (``moe_core.reference`` states them per token).
 
     p = softmax(logits) over all E experts, logits = x W^T in float32 (also under autocast).
 
@@ -162,7 +162,8 @@ class Router(torch.nn.Module):
         if cfg.router == "top1":
             weight_TK = chosen_TK
         elif cfg.router == "topk_hard":
-            weight_TK = 1.0 / cfg.top_k + chosen_TK - chosen_TK.detach()
+            # p - stopgrad(p) first: exactly 0, so the weight is exactly 1/k (1/k + p - p rounds)
+            weight_TK = chosen_TK - chosen_TK.detach() + 1.0 / cfg.top_k
         else:  # softk: softmax over the k chosen logits == p renormalised over the chosen set
             weight_TK = torch.softmax(logits_TE.gather(1, expert_TK), dim=-1)
         routing = self._token_choice(expert_TK, weight_TK, cfg.capacity_factor)
@@ -187,7 +188,7 @@ class Router(torch.nn.Module):
         token_A = torch.arange(num_tokens, device=expert_A.device).repeat_interleave(top_k)
         return Routing(token_A=token_A, expert_A=expert_A, weight_A=weight_A, keep_A=keep_A, slot_A=slot_A,
                        tokens_per_expert_E=counts_E.float(), counts_E=counts_E, sorted_A=sorted_A, capacity=capacity,
-                       num_tokens=num_tokens, num_experts=cfg.num_experts, layout="token", slots_per_token=top_k)
+                       num_tokens=num_tokens, num_experts=cfg.num_experts, layout="token", top_k=top_k)
 
     def _expert_choice(self, probs_TE: torch.Tensor) -> Routing:
         cfg = self.cfg
@@ -202,8 +203,7 @@ class Router(torch.nn.Module):
                        keep_A=torch.ones_like(token_A, dtype=torch.bool), slot_A=slot_A,
                        tokens_per_expert_E=counts_E.float(), counts_E=counts_E,
                        sorted_A=torch.arange(token_A.numel(), device=token_A.device), capacity=capacity,
-                       num_tokens=num_tokens, num_experts=num_experts, layout="expert",
-                       slots_per_token=capacity)
+                       num_tokens=num_tokens, num_experts=num_experts, layout="expert", top_k=None)
 
     @torch.no_grad()
     def _update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
@@ -233,7 +233,7 @@ def routing_metrics(routing: Routing, probs_TE: torch.Tensor | None) -> dict[str
     counts_E = routing.tokens_per_expert_E
     mean = counts_E.mean()
     if routing.layout == "token":
-        kept_T = routing.keep_A.view(routing.num_tokens, routing.slots_per_token).sum(-1)
+        kept_T = routing.keep_A.view(routing.num_tokens, routing.top_k).sum(-1)
     else:
         kept_T = torch.zeros(routing.num_tokens, device=counts_E.device).index_add_(
             0, routing.token_A, routing.keep_A.float())
