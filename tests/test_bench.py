@@ -128,7 +128,7 @@ def test_checkpoint_written_by_train_loads_with_its_stored_config(tmp_path, monk
                       batch_size=2, steps=2, stop_after=1, eval_interval=1, eval_windows=2, synthetic_chars=20_000,
                       progress=False, out_dir="runs", experiment="x", run="r")
     path = train(cfg).run_dir / "checkpoint.pt"
-    stored, _ = bench.load_checkpoint(path)
+    stored, _ = bench.read_checkpoint(path)
     assert stored.identity() == cfg.identity()
     logits_LTE = bench.router_logits_from_checkpoint(path, 40)
     assert logits_LTE.shape == (2, 40, 4) and torch.isfinite(logits_LTE).all()

@@ -27,7 +27,7 @@ from .sources import (
     LogitsRouter,
     RoutingSource,
     capacity_metrics,
-    load_checkpoint,
+    read_checkpoint,
     route_logits,
     router_logits_from_checkpoint,
     synthetic_logits,
@@ -38,6 +38,6 @@ from .train_bench import run_train
 __all__ = ["BENCHES", "DEFAULT_OUT", "DTYPES", "JOIN_COLUMNS", "LOGIT_ROUTERS", "PARAMS", "SOURCE_KINDS", "TABLES",
            "BenchConfig", "CapacityBenchConfig", "IdentityExperts", "LayerBenchConfig", "LogitsRouter",
            "RoutingSource", "TrainBenchConfig", "buffer_rows", "capacity_chart", "capacity_metrics", "compiled",
-           "copy_bandwidth", "dispatch_combine_bytes", "fwd_bwd", "join_with_training", "load_checkpoint",
-           "load_config", "main", "record", "route_logits", "router_logits_from_checkpoint", "routing_bytes",
+           "copy_bandwidth", "dispatch_combine_bytes", "fwd_bwd", "join_with_training", "load_config", "main",
+           "read_checkpoint", "record", "route_logits", "router_logits_from_checkpoint", "routing_bytes",
            "run_capacity", "run_layer", "run_train", "synthetic_logits", "table", "time_median_ms", "training_runs"]

@@ -72,7 +72,7 @@ def synthetic_logits(source: RoutingSource, num_sets: int, num_tokens: int, num_
 
 
 # -- a trained model's router logits ----------------------------------------------------------------
-def load_checkpoint(path: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+def read_checkpoint(path: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
     """(stored TrainConfig, model weights) of a ``{"model": state_dict, "config": TrainConfig fields}``
     checkpoint as moe_core.train writes it, read with weights_only (no arbitrary unpickling). A
     missing, unreadable or incompatible config is a one-line ValueError naming the file."""
@@ -106,7 +106,7 @@ def router_logits_from_checkpoint(path: str | Path, num_tokens: int, *, device: 
     ``num_tokens`` tokens of its validation windows. The model and data are rebuilt as moe_core.train
     built them: from the stored config, with the vocabulary of that data; weights that do not fit
     are an error. Logits are the router's (before any aux-free bias, which changes selection only)."""
-    train_cfg, weights = load_checkpoint(path)
+    train_cfg, weights = read_checkpoint(path)
     seq_len = train_cfg.seq_len
     data = load_data(replace(train_cfg.data_config(), eval_windows=math.ceil(num_tokens / seq_len)))
     available = len(data.eval_starts_W) * seq_len
