@@ -1,6 +1,7 @@
 """moe_core.bench: its drop statistics are moe_core's own, its traffic count is right on a hand case,
 its routing sources behave (skew drops more, dropless drops nothing, a checkpoint's router logits
-are the model's), the CLI refuses bad arguments before any work and writes its records, and the
+are the model's, rebuilt from its stored config; a bad checkpoint fails in one line naming the file),
+the CLI and the profiles refuse bad arguments before any work and writes its records, and the
 join with Experiment A parses run records. CPU, float32; timings are run but never asserted."""
 import json
 import math
@@ -9,24 +10,25 @@ import pandas as pd
 import pytest
 import torch
 
-from moe_core import MoEConfig, MoEFeedForward, ModelConfig, TinyMoEModel
-from moe_core import bench
+from moe_core import MoEConfig, MoEFeedForward, TinyMoEModel, bench
+from moe_core.bench import profile
 from moe_core.data import DataConfig, load_data
+from moe_core.train import TrainConfig, train
 
 CKPT_E = 4  # experts of the self-built checkpoint; the CLI test asks for E=8 elsewhere to see the override
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint.pt shaped like moe_core.train's ({"model", "config"}), built here from an
-    untrained TinyMoEModel so the test does not depend on training."""
+    """A checkpoint.pt shaped like moe_core.train's ({"model", "config"}): the model built from its
+    TrainConfig with the vocabulary of that config's data, untrained, so the test does not depend on training."""
     root = tmp_path_factory.mktemp("ckpt")
     config = {"dim": 32, "layers": 2, "heads": 4, "hidden": 48, "num_experts": CKPT_E, "top_k": 2,
               "router": "softk", "capacity_factor": 1.25, "corpus": "synthetic", "tokenizer": "char",
               "seq_len": 32, "cache_dir": str(root / "cache"), "data_seed": 0, "seed": 7}
+    train_cfg = TrainConfig.from_dict(config)
     torch.manual_seed(0)
-    model = TinyMoEModel(ModelConfig(vocab_size=64, seq_len=32, dim=32, layers=2, heads=4,
-                                     moe=MoEConfig(dim=32, hidden=48, num_experts=CKPT_E, top_k=2)))
+    model = TinyMoEModel(train_cfg.model_config(load_data(train_cfg.data_config()).vocab_size))
     path = root / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "config": config, "step": 0}, path)
     return path, model, config
@@ -116,6 +118,44 @@ def test_checkpoint_logits_are_the_models(checkpoint):
     torch.testing.assert_close(logits_LTE[0, :32], expected_SE)
     with pytest.raises(ValueError, match="fewer than"):
         bench.router_logits_from_checkpoint(path, 10**7)
+
+
+def test_checkpoint_written_by_train_loads_with_its_stored_config(tmp_path, monkeypatch):
+    """A real training checkpoint (numpy RNG state and all) loads weights-only, its model and data
+    rebuilt from the stored config (whose data cache is the default, relative to the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(dim=16, hidden=16, heads=2, layers=2, num_experts=4, top_k=2, router="softk", seq_len=16,
+                      batch_size=2, steps=2, stop_after=1, eval_interval=1, eval_windows=2, synthetic_chars=20_000,
+                      progress=False, out_dir="runs", experiment="x", run="r")
+    path = train(cfg).run_dir / "checkpoint.pt"
+    stored, _ = bench.read_checkpoint(path)
+    assert stored.identity() == cfg.identity()
+    logits_LTE = bench.router_logits_from_checkpoint(path, 40)
+    assert logits_LTE.shape == (2, 40, 4) and torch.isfinite(logits_LTE).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda state: state.pop("config"), "has no stored 'config'"),
+    (lambda state: state["config"].update(experts_typo=3), "not a valid TrainConfig: unknown TrainConfig key"),
+    (lambda state: state["config"].update(hidden=64), "weights do not fit the model of its stored config"),
+    (lambda state: state["config"].update(router="hash"), "no MoE layer with a learned router"),
+    (lambda state: state.update(hook=print), "it holds print, which is refused"),
+])
+def test_checkpoint_loader_refuses_in_one_line_naming_the_file(checkpoint, change, message, tmp_path):
+    path, model, config = checkpoint
+    state = {"model": model.state_dict(), "config": dict(config)}
+    change(state)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    with pytest.raises(ValueError) as err:
+        bench.router_logits_from_checkpoint(bad, 32)
+    assert str(err.value).startswith(f"{bad}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_profile_refuses_a_bad_shape_before_any_work(capsys):
+    assert profile.main(["layer", "grouped", "8", "16"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "top_k=16 exceeds num_experts=8" in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,6 +1,6 @@
 """`python -m moe_core.bench`."""
 import sys
 
-from . import main
+from .cli import main
 
 sys.exit(main())

@@ -1,0 +1,206 @@
+"""One config dataclass per benchmark, validated at construction (every bad field is a one-line
+ValueError naming ``<Config>.<field>`` before any work). BenchConfig holds what all share: device,
+precision and the timing method. Each subclass's SECTION is its section in params/experiment_b.yaml
+(``<section>_small`` is the CPU-sized version, equal to the defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import MoEConfig, require
+from ..dispatch import BACKEND_FNS
+from ..train import COMPILE_MODES, TrainConfig
+from .sources import LOGIT_ROUTERS, RoutingSource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BenchConfig:
+    """Device, precision and timing method shared by the benchmarks."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    warmup: int = 3
+    repeats: int = 20  # timed calls; the median is reported
+    sets: int = 3  # independent input sets, rotated so that caches do not flatter
+    seed: int = 0
+
+    SECTION = ""  # its section in params/experiment_b.yaml
+
+    def __post_init__(self) -> None:
+        for name, low in (("warmup", 1), ("repeats", 20), ("sets", 3), ("seed", 0)):
+            value = getattr(self, name)
+            self._require(isinstance(value, int) and value >= low, name, f"must be an integer >= {low}, got {value!r}")
+        self._require(self.dtype == "auto" or self.dtype in DTYPES, "dtype",
+                      f"unknown {self.dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        self._require(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"), "device",
+                      f"unknown {self.device!r}; valid: auto, cpu, cuda, cuda:N")
+        self._require(not str(self.device).startswith("cuda") or torch.cuda.is_available(), "device",
+                      f"{self.device} asked for, but torch.cuda.is_available() is False")
+
+    def _require(self, ok: bool, name: str, msg: str) -> None:
+        require(ok, f"{type(self).__name__}.{name}", msg)
+
+    def _named(self, err: ValueError) -> ValueError:
+        """A component config's error (it names its own field), prefixed with this config's name."""
+        return ValueError(f"{type(self).__name__}.{err}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def timing(self) -> dict:
+        """The keyword arguments of time_median_ms and copy_bandwidth."""
+        return {"warmup": self.warmup, "repeats": self.repeats}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BenchConfig:
+        """Unknown keys are an error naming the valid ones (a typo must not silently do nothing)."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid: {', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
+
+
+@dataclass
+class CapacityBenchConfig(BenchConfig):
+    """Experiment B: for each routing source x E x k x capacity factor (None = dropless), the drop
+    statistics, dispatch + combine time and traffic (identity experts), and the MoE layer's
+    forward + backward time. Defaults are CPU-sized (tests, notebook); the grid is in params/."""
+
+    tokens: int = 512
+    dim: int = 64
+    hidden: int = 64
+    experts: list[int] = field(default_factory=lambda: [4, 8])
+    top_k: list[int] = field(default_factory=lambda: [1, 2])
+    capacity_factors: list[float | None] = field(default_factory=lambda: [1.0, 1.25, None])
+    sources: list[str] = field(default_factory=lambda: ["random", "skewed:1.0"])
+    checkpoint: str | None = None  # path for a bare "checkpoint" source
+    router: str = "softk"
+    backend: str = "padded"
+
+    SECTION = "capacity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("tokens", "dim", "hidden"):
+            value = getattr(self, name)
+            self._require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        for name in ("experts", "top_k", "capacity_factors", "sources"):
+            self._require(isinstance(getattr(self, name), list) and getattr(self, name), name, "must be a non-empty list")
+        self._require(self.router in LOGIT_ROUTERS, "router", f"must be one of {', '.join(LOGIT_ROUTERS)}")
+        self._require(self.backend in BACKEND_FNS, "backend", f"unknown {self.backend!r}; valid: {', '.join(BACKEND_FNS)}")
+        try:
+            sources = self.parsed_sources()
+            self.moe_configs(self.experts)  # the core names a bad k, E or CF itself
+        except ValueError as err:
+            raise self._named(err) from None
+        for src in sources:
+            if src.kind == "checkpoint":
+                self._require(Path(src.path).is_file(), "sources", f"checkpoint not found: {src.path}")
+
+    def parsed_sources(self) -> list[RoutingSource]:
+        out = []
+        for spec in self.sources:
+            src = RoutingSource.parse(spec)
+            if src.kind == "checkpoint" and src.path is None:
+                require(self.checkpoint is not None, "sources", "'checkpoint' needs a path: set checkpoint "
+                        "(--checkpoint PATH) or write checkpoint:PATH")
+                src = replace(src, path=self.checkpoint)
+            out.append(src)
+        return out
+
+    def moe_configs(self, experts: Sequence[int]) -> list[MoEConfig]:
+        return [MoEConfig(dim=self.dim, hidden=self.hidden, num_experts=e, top_k=k, router=self.router,
+                          capacity_factor=cf, backend=self.backend)
+                for e in experts for k in self.top_k for cf in self.capacity_factors]
+
+
+@dataclass
+class LayerBenchConfig(BenchConfig):
+    """The MoE layer's forward + backward against a dense FFN of hidden K*F (equal active FLOPs),
+    per dispatch backend and problem shape. Defaults are CPU-sized; the GPU shapes are in params/."""
+
+    shapes: list[dict] = field(default_factory=lambda: [
+        {"tokens": 1024, "dim": 64, "hidden": 256, "experts": 8, "top_k": 2},
+        {"tokens": 1024, "dim": 64, "hidden": 64, "experts": 16, "top_k": 4}])
+    capacity_factor: float | None = 1.25
+    router: str = "softk"
+    backends: list[str] = field(default_factory=lambda: list(BACKEND_FNS))
+    # none (eager) | a torch.compile mode; the MoE layer and its dense baseline get the same mode,
+    # since training runs compiled and Inductor fuses the pointwise dispatch/combine work
+    compile_modes: list[str] = field(default_factory=lambda: ["none"])
+
+    SECTION = "layer"
+    SHAPE_KEYS = ("tokens", "dim", "hidden", "experts", "top_k")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require(isinstance(self.shapes, list) and self.shapes, "shapes", "must be a non-empty list")
+        for shape in self.shapes:
+            self._require(isinstance(shape, dict) and set(shape) == set(self.SHAPE_KEYS)
+                          and all(isinstance(v, int) and v >= 1 for v in shape.values()), "shapes",
+                          f"each shape maps exactly {', '.join(self.SHAPE_KEYS)} to integers >= 1, got {shape!r}")
+        unknown = sorted(set(self.backends) - set(BACKEND_FNS))
+        self._require(bool(self.backends) and not unknown, "backends",
+                      f"unknown {unknown}; valid: {', '.join(BACKEND_FNS)}")
+        bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
+        self._require(bool(self.compile_modes) and not bad_modes, "compile_modes",
+                      f"unknown {bad_modes}; valid: none, {', '.join(COMPILE_MODES)}")
+        try:
+            self.moe_configs()
+        except ValueError as err:
+            raise self._named(err) from None
+
+    def moe_configs(self) -> list[MoEConfig]:
+        return [MoEConfig(dim=s["dim"], hidden=s["hidden"], num_experts=s["experts"], top_k=s["top_k"],
+                          router=self.router, capacity_factor=self.capacity_factor) for s in self.shapes]
+
+
+@dataclass
+class TrainBenchConfig(BenchConfig):
+    """Training tokens/s of the real trainer (moe_core.train: AdamW, bf16 autocast on CUDA, grad
+    clipping, routing stats) per router x batch size x dispatch backend x compile mode, on the
+    synthetic char corpus. tokens/s is the trainer's own: timed training steps only, median over
+    intervals. ``routers`` empty: the model's router only; top1 runs with top_k=1."""
+
+    routers: list[str] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=lambda: [8])
+    backends: list[str] = field(default_factory=lambda: ["padded", "grouped"])
+    compile_modes: list[str] = field(default_factory=lambda: ["none"])  # none | a torch.compile mode
+    model: dict = field(default_factory=lambda: {"dim": 32, "layers": 2, "heads": 2, "hidden": 64,
+                                                 "num_experts": 4, "top_k": 2, "router": "softk", "seq_len": 32})
+    steps: int = 12
+    intervals: int = 3  # tokens/s is the median over these; the first holds warm-up and compilation
+
+    SECTION = "train"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.train_configs("unused")
+        except ValueError as err:
+            raise self._named(err) from None
+
+    def train_configs(self, out_dir: str) -> list[TrainConfig]:
+        """One TrainConfig per cell of the grid, its records under ``out_dir``."""
+        routers = self.routers or [self.model.get("router", "softk")]
+        model = {k: v for k, v in self.model.items() if k != "router"}
+        return [TrainConfig(**{**model, "router": r, **({"top_k": 1} if r == "top1" else {})}, batch_size=b,
+                            backend=backend, compile=mode != "none", compile_mode="default" if mode == "none" else mode,
+                            steps=self.steps, warmup=min(10, self.steps),
+                            eval_interval=max(1, self.steps // self.intervals), eval_windows=4,
+                            synthetic_chars=200_000, progress=False, seed=self.seed, device=str(self.torch_device),
+                            experiment="bench_train", out_dir=out_dir, run=f"{r}_b{b}_{backend}_{mode}")
+                for r in routers for b in self.batch_sizes for backend in self.backends for mode in self.compile_modes]

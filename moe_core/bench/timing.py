@@ -1,0 +1,94 @@
+"""How every bench times a call: warm up, time ``repeats`` calls with inputs rotated among ``sets``
+independent sets (so caches do not flatter), report the median. CUDA events on GPU (the device's
+own timeline), perf_counter + synchronize elsewhere. Also the copy-bandwidth reference, the
+forward + backward step and the compile helper that the layer bench and the profiles share.
+
+Legend: T tokens, D model dim.
+"""
+from __future__ import annotations
+
+import time
+from statistics import median
+from typing import Callable, Sequence
+
+import torch
+
+COPY_BYTES = {"cuda": 1 << 28, "cpu": 1 << 25}  # per buffer of the copy-bandwidth reference
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_median_ms(fn: Callable, inputs: Sequence, device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn(inputs[i % len(inputs)]) over ``repeats`` calls after ``warmup`` calls."""
+    for i in range(warmup):
+        fn(inputs[i % len(inputs)])
+    sync(device)
+    times = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            fn(inputs[i % len(inputs)])
+            end.record()
+        sync(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            fn(inputs[i % len(inputs)])
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
+
+
+def copy_bandwidth(device: torch.device, dtype: torch.dtype, *, warmup: int, repeats: int, sets: int) -> float:
+    """Bytes/s of ``torch.empty_like(x).copy_(x)`` on large buffers (bytes read + written): the
+    device-to-device reference that achieved bandwidths are a fraction of."""
+    numel = COPY_BYTES[device.type] // dtype.itemsize
+    buffers = [torch.ones(numel, dtype=dtype, device=device) for _ in range(sets)]
+    ms = time_median_ms(lambda x: torch.empty_like(x).copy_(x), buffers, device, warmup=warmup, repeats=repeats)
+    return 2 * buffers[0].nbytes / (ms / 1e3)
+
+
+def grad_inputs(num_tokens: int, dim: int, *, sets: int, seed: int, device: torch.device,
+                dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``sets`` seeded pairs (x_TD requiring grad, dy_TD) on the device: the inputs of fwd_bwd."""
+    gen = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randn(num_tokens, dim, generator=gen).to(device, dtype).requires_grad_(i == 0)
+                  for i in range(2)) for _ in range(sets)]
+
+
+def compiled(module: torch.nn.Module, mode: str) -> Callable:
+    """``module`` itself for mode "none", else a fresh torch.compile of it (dynamo reset first, so a
+    module whose backend changed is traced again)."""
+    if mode == "none":
+        return module
+    torch._dynamo.reset()
+    return torch.compile(module, mode=mode)
+
+
+def fwd_bwd(module: torch.nn.Module) -> Callable:
+    """A timed step on inputs (x, dy, *more): forward on x, then the gradients of y . dy with
+    respect to x, ``more`` and every parameter (autograd.grad, so nothing accumulates between
+    calls). The same call serves the MoE layer and the dense FFN."""
+    params = list(module.parameters())
+
+    def step(inputs):
+        x_TD, dy_TD = inputs[:2]
+        out = module(x_TD)
+        y_TD = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(y_TD, [x_TD, *inputs[2:], *params], dy_TD, allow_unused=True)
+    return step
+
+
+def guarded(measure: Callable[[], dict]) -> dict:
+    """Run one measurement; an out-of-memory leaves a row with status 'oom' instead of ending the run."""
+    try:
+        return {"status": "ok", **measure()}
+    except torch.OutOfMemoryError:
+        pass
+    torch.cuda.empty_cache()  # out here, once the traceback no longer holds the failed call's tensors
+    return {"status": "oom"}
