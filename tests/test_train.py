@@ -19,6 +19,7 @@ from moe_core import train as train_mod
 from moe_core.data import DataConfig
 from moe_core.train import TrainConfig, loop, train
 from moe_core.train.config import COMPONENTS, flat_name
+from moe_core.train.notebook import main as notebook_main
 from moe_core.train.notebook import parameter_cell, parameter_cell_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +251,15 @@ def test_notebook_parameter_cell_is_the_config():
     assert TrainConfig(**dict(assigned)) == TrainConfig()
     assert cell.source == parameter_cell(), "run `make notebook-params`"
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed cleared
+
+
+def test_notebook_helper_rewrites_only_the_parameter_cell(tmp_path):
+    path = tmp_path / "train.ipynb"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    parameter_cell_of(nb).source = "lr = 1.0"
+    nbformat.write(nb, path)
+    assert notebook_main([str(path)]) == 0
+    assert path.read_bytes() == NOTEBOOK.read_bytes()
 
 
 def test_papermill_runs_the_notebook_with_overrides(tmp_path, cache_dir):

@@ -93,8 +93,9 @@ COMPONENTS = (ModelConfig, MoEConfig, DataConfig)
 # those, so that leaving a new component field out is a decision, not an accident.
 COMPONENT_FIELDS = {
     "model (ModelConfig; hidden: MoEConfig)": ("dim", "layers", "heads", "hidden", "dropout", "ffn", "moe_every"),
-    "MoE (MoEConfig)": ("num_experts", "top_k", "router", "capacity_factor", "drop_policy", "renormalize", "backend",
-            "activation", "aux_loss_coef", "z_loss_coef", "aux_free_bias", "bias_update_rate", "hash_seed"),
+    "MoE (MoEConfig)": ("num_experts", "top_k", "router", "capacity_factor", "drop_policy", "renormalize",
+                        "backend", "activation", "aux_loss_coef", "z_loss_coef", "aux_free_bias", "bias_update_rate",
+                        "hash_seed"),
     "data (DataConfig)": ("corpus", "tokenizer", "bpe_vocab_size", "seq_len", "eval_windows", "max_stories",
                           "synthetic_chars", "data_seed", "cache_dir"),
 }
@@ -115,7 +116,7 @@ def flat_name(cls: type, name: str) -> str:
     return RENAMED.get(cls, {}).get(name, name)
 
 
-def sources(flat: str) -> list[tuple[type, str]]:
+def _sources(flat: str) -> list[tuple[type, str]]:
     """The (component, field) pairs a flat component field sets."""
     return [(cls, f.name) for cls in COMPONENTS for f in fields(cls) if flat_name(cls, f.name) == flat]
 
@@ -125,7 +126,7 @@ def _flat_fields() -> list[tuple[str, type, typing.Any]]:
     CPU_DEFAULTS has one; then OptimConfig's and RunConfig's fields as they are."""
     specs = []
     for name in (n for names in COMPONENT_FIELDS.values() for n in names):
-        cls, source = sources(name)[0]
+        cls, source = _sources(name)[0]
         default = CPU_DEFAULTS.get(name, next(f.default for f in fields(cls) if f.name == source))
         specs.append((name, typing.get_type_hints(cls)[source], field(default=default)))
     for cls in (OptimConfig, RunConfig):

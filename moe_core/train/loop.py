@@ -33,6 +33,8 @@ FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not tra
 
 @dataclass
 class RunResult:
+    """What train() returns: the run's directory, status, summary.json and metric rows."""
+
     run_dir: Path
     status: str  # ok | stopped (stop_after) | diverged | failed
     summary: dict
@@ -101,11 +103,13 @@ def train(cfg: TrainConfig) -> RunResult:
 
 
 class _Trainer:
+    """One session of one run on this rank: build, resume, loop; rank 0 writes the records."""
+
     def __init__(self, cfg: TrainConfig, ctx: Dist):
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = cfg.run_dir
         require(cfg.batch_size % ctx.world == 0, "TrainConfig.batch_size",
-                 f"global batch {cfg.batch_size} is not divisible by {ctx.world} ranks")
+                f"global batch {cfg.batch_size} is not divisible by {ctx.world} ranks")
         self.local_batch = cfg.batch_size // ctx.world
         self.t_start = time.perf_counter()
         self.rows: list[dict] = []
