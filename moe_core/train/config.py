@@ -147,8 +147,7 @@ class TrainConfig(_TrainFields):
 
     def __post_init__(self) -> None:
         self._check_types()
-        checks = ((OptimConfig, self.optim_config), (RunConfig, self.run_config),
-                  (MoEConfig, self._canonical_router), (ModelConfig, lambda: self.model_config(vocab_size=1)),
+        checks = ((OptimConfig, self.optim_config), (RunConfig, self.run_config), (ModelConfig, self._check_model),
                   (DataConfig, self.data_config))
         for cls, build in checks:
             try:
@@ -156,8 +155,9 @@ class TrainConfig(_TrainFields):
             except ValueError as err:
                 raise ValueError(f"TrainConfig.{_flat_message(cls, str(err))}") from err
 
-    def _canonical_router(self) -> None:
-        self.router = canonical_router(self.router)
+    def _check_model(self) -> None:
+        self.router = canonical_router(self.router)  # stored as ROUTERS spells it: expert-choice -> expert_choice
+        self.model_config(vocab_size=1)  # with its MoEConfig
 
     def _check_types(self) -> None:
         for f in fields(self):
