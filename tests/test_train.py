@@ -1,20 +1,26 @@
 """moe_core.train: config validation, resume == uninterrupted, records, divergence, failure, CLI,
 DDP on gloo (2 CPU processes) and the papermill-parameterized notebook."""
+import ast
 import json
 import math
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
 
+from moe_core import ModelConfig, MoEConfig, sweep
 from moe_core import records as rr
 from moe_core import train as train_mod
-from moe_core.train import TrainConfig, train
+from moe_core.data import DataConfig
+from moe_core.train import TrainConfig, loop, train
+from moe_core.train.config import COMPONENTS, flat_name
+from moe_core.train.notebook import main as notebook_main
+from moe_core.train.notebook import parameter_cell, parameter_cell_of
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks/train.ipynb"
@@ -49,6 +55,9 @@ def snapshot(run_dir: Path) -> dict:
     ({"dim": 30, "heads": 4}, "heads"), ({"top_k": 2}, "top_k"),  # top1 routes to one expert
     ({"capacity_factor": 0.0}, "capacity_factor"), ({"warmup": -1}, "warmup"), ({"beta2": 1.0}, "beta2"),
     ({"tokenizer": "nope"}, "tokenizer"), ({"run": "a/b"}, "run"), ({"device": "tpu"}, "device"),
+    # DataConfig validates these under its own names (vocab_size, seed)
+    ({"tokenizer": "bpe", "bpe_vocab_size": 100}, "bpe_vocab_size"), ({"data_seed": -1}, "data_seed"),
+    ({"eval_windows": 0}, "eval_windows"), ({"stop_after": 0}, "stop_after"),
 ])
 def test_bad_value_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
@@ -69,6 +78,46 @@ def test_config_coercion_aliases_and_unknown_keys(tmp_path):
     assert TrainConfig.from_namespace({"json": 0, "_x": 1, "steps": 5}, before).steps == 5
     with pytest.raises(ValueError, match=r"\['stepz'\]; valid keys"):
         TrainConfig.from_namespace({"steps": 5, "stepz": 5}, before)
+
+
+# Fields of the component configs that a run does not expose, and why: a new component field fails
+# this test until it is either exposed (train/config.py COMPONENT_FIELDS) or listed here.
+NOT_EXPOSED = {
+    ModelConfig: {"vocab_size": "the data's", "moe": "built from the MoE fields", "init_std": "kept at its default"},
+    MoEConfig: {"hash_vocab_size": "set by TinyMoEModel", "ec_eval": "evaluation runs both modes",
+                "router_init_std": "kept at its default"},
+    DataConfig: {"val_fraction": "kept at its default: runs of one corpus share its split"},
+}
+
+
+def test_component_fields_are_exposed_or_deliberately_not():
+    flat = TrainConfig.field_names()
+    assert len(flat) == len(set(flat))
+    for cls in COMPONENTS:
+        hidden = {f.name for f in fields(cls) if flat_name(cls, f.name) not in flat}
+        assert hidden == set(NOT_EXPOSED[cls]), cls.__name__
+    # every flat field is a component field or a training-only one, never both
+    component = {flat_name(cls, f.name) for cls in COMPONENTS for f in fields(cls)} & set(flat)
+    training = [f.name for cls in (train_mod.OptimConfig, train_mod.RunConfig) for f in fields(cls)]
+    assert not component & set(training) and sorted([*component, *training]) == sorted(flat)
+    # the component configs receive the run's values, renamed back where the names differ
+    cfg = TrainConfig(bpe_vocab_size=300, data_seed=3, seq_len=48, dim=32, hidden=40, router="softk", top_k=2)
+    data, model = cfg.data_config(), cfg.model_config(vocab_size=7)
+    assert (data.vocab_size, data.seed, data.seq_len, data.eval_windows) == (300, 3, 48, cfg.eval_windows)
+    assert (model.seq_len, model.dim, model.moe.dim, model.moe.hidden, model.moe.router) == (48, 32, 32, 40, "softk")
+
+
+def test_committed_records_load_and_match_their_sweep():
+    """The flat "config" of every committed Experiment A record is a TrainConfig as it is (same
+    fields, same values) and the config its params file builds for that run."""
+    _, runs = sweep.expand(yaml.safe_load((ROOT / "params/experiment_a.yaml").read_text()))
+    records = {path.parent.name: path for path in (ROOT / "runs/experiment_a").glob("*/" + rr.CONFIG_FILE)}
+    assert sorted(records) == sorted(run.name for run in runs) and len(runs) == 60
+    for run in runs:
+        path = records[run.name]
+        stored = json.loads(path.read_text())["config"]
+        assert asdict(TrainConfig.from_dict(stored)) == stored, path
+        assert TrainConfig.from_dict(run.params).identity() == TrainConfig.from_dict(stored).identity(), run.name
 
 
 def test_cli_unknown_key_lists_valid_keys(capsys):
@@ -136,13 +185,13 @@ def test_charts_render_to_png(tiny, overrides):
 
 
 def test_divergence_stops_and_keeps_records(tiny, monkeypatch):
-    real_loss, calls = train_mod.training_loss, []
+    real_loss, calls = loop.training_loss, []
 
     def nan_from_step_6(out):
         calls.append(1)
         return real_loss(out) * (float("nan") if len(calls) >= 6 else 1.0)
 
-    monkeypatch.setattr(train_mod, "training_loss", nan_from_step_6)
+    monkeypatch.setattr(loop, "training_loss", nan_from_step_6)
     result = train(tiny())
     assert result.status == "diverged" and "non-finite training loss at step 6" in result.summary["error"]
     assert [r["step"] for r in rr.read_metrics(result.run_dir / rr.METRICS_FILE)] == [4]
@@ -155,7 +204,7 @@ def test_failure_is_recorded_reraised_then_retried(tiny, monkeypatch):
     def boom(out):
         raise RuntimeError("boom in the loss")
 
-    monkeypatch.setattr(train_mod, "training_loss", boom)
+    monkeypatch.setattr(loop, "training_loss", boom)
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny(steps=4))
     summary = json.loads((tiny().run_dir / rr.SUMMARY_FILE).read_text())
@@ -192,14 +241,25 @@ def test_ddp_two_gloo_ranks_write_records_once(tmp_path, cache_dir):
 
 # -- notebook -----------------------------------------------------------------------------------------
 def test_notebook_parameter_cell_is_the_config():
+    """The cell's names and values are TrainConfig's fields and defaults, in order, with their types;
+    ``make notebook-params`` writes it (so the text is the generated one too)."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    namespace = {}
-    exec(cell.source, namespace)
-    del namespace["__builtins__"]
-    assert list(namespace) == [f.name for f in fields(TrainConfig)]
-    assert TrainConfig(**namespace) == TrainConfig()
+    cell = parameter_cell_of(nb)
+    assigned = [(node.targets[0].id, ast.literal_eval(node.value)) for node in ast.parse(cell.source).body]
+    defaults = [(f.name, f.default) for f in fields(TrainConfig)]
+    assert [(name, type(value), value) for name, value in assigned] == [(n, type(v), v) for n, v in defaults]
+    assert TrainConfig(**dict(assigned)) == TrainConfig()
+    assert cell.source == parameter_cell(), "run `make notebook-params`"
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed cleared
+
+
+def test_notebook_helper_rewrites_only_the_parameter_cell(tmp_path):
+    path = tmp_path / "train.ipynb"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    parameter_cell_of(nb).source = "lr = 1.0"
+    nbformat.write(nb, path)
+    assert notebook_main([str(path)]) == 0
+    assert path.read_bytes() == NOTEBOOK.read_bytes()
 
 
 def test_papermill_runs_the_notebook_with_overrides(tmp_path, cache_dir):

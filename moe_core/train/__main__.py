@@ -1,6 +1,6 @@
-"""`python -m moe_core.train`."""
+"""`python -m moe_core.train` (and `torchrun -m moe_core.train`)."""
 import sys
 
-from . import main
+from .cli import main
 
 sys.exit(main())

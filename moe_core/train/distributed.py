@@ -1,0 +1,82 @@
+"""What a run needs from its processes and device: the torchrun process group (NCCL on GPUs, gloo on
+CPU), the device of this rank, seeding, RNG state for checkpoints and peak memory."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    """This process's place in the run: rank of world, its device, and whether it owns the group."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # we initialised the process group, so we tear it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_dist(device: str) -> Dist:
+    """`device` is TrainConfig.device (auto | cpu | cuda | cuda:N); torchrun sets WORLD_SIZE, RANK
+    and LOCAL_RANK, and under it each rank takes the GPU of its local rank."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if not cuda:
+        torch_device = torch.device("cpu")
+    elif world > 1:
+        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # set_device needs an index
+        torch_device = torch.device(device if ":" in device else f"cuda:{torch.cuda.current_device()}")
+    if cuda:
+        torch.cuda.set_device(torch_device)
+    return Dist(rank, world, torch_device, owns)
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA allocator's peak on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all CUDA devices too
+
+
+def rng_state(device: torch.device) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,296 @@
+"""The training loop: resume or start, AdamW steps under the warmup-cosine schedule, evaluation and
+checkpoint every `eval_interval` steps, and the run's records (moe_core.records formats).
+
+Legend: B batch (per rank), S sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import records as rr
+from ..config import require
+from ..data import load_data
+from ..flops import peak_flops, train_flops_per_token
+from ..model import TinyMoEModel
+from .config import RUN_CONTROL_FIELDS, TrainConfig
+from .distributed import Dist, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
+from .measure import Interval, StepTimer, evaluate
+
+FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
+
+
+@dataclass
+class RunResult:
+    """What train() returns: the run's directory, status, summary.json and metric rows."""
+
+    run_dir: Path
+    status: str  # ok | stopped (stop_after) | diverged | failed
+    summary: dict
+    metrics: list[dict]  # one row per evaluation, as in metrics.jsonl
+
+
+def training_loss(out) -> torch.Tensor:
+    """CE + Switch aux + router z-loss (their coefficients are applied inside the MoE layers)."""
+    return out.loss + out.aux_loss + out.z_loss
+
+
+class Diverged(Exception):
+    """Training loss became NaN/inf."""
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to lr * min_lr_ratio at `steps`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def _existing_run(cfg: TrainConfig) -> RunResult | None:
+    """The finished result if this run is already done; raises if the directory holds another config."""
+    run_dir = cfg.run_dir
+    stored = rr.read_json(run_dir / rr.CONFIG_FILE)
+    if stored is None:
+        return None
+    old = {k: v for k, v in stored["config"].items() if k not in RUN_CONTROL_FIELDS}
+    new = cfg.identity()
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "<missing>") != new.get(k, "<missing>"))
+    if diff:
+        changes = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in diff)
+        raise ValueError(f"{run_dir} holds a run with a different config ({changes}); use another "
+                         f"experiment/run name or remove the directory. Nothing was overwritten.")
+    summary = rr.read_json(run_dir / rr.SUMMARY_FILE)
+    if summary is not None and summary["status"] in FINAL_STATUSES:
+        return RunResult(run_dir, summary["status"], summary, rr.read_metrics(run_dir / rr.METRICS_FILE))
+    return None
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Train (or resume, or return the finished record of) the run `cfg` describes."""
+    ctx = setup_dist(cfg.device)
+    try:
+        done = _existing_run(cfg)
+        if done is not None:
+            if ctx.main:
+                print(f"{done.run_dir}: already {done.status}, not retrained", file=sys.stderr)
+            return done
+        ctx.barrier()  # every rank has checked the directory before rank 0 writes to it
+        return _Trainer(cfg, ctx).run()
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    """One session of one run on this rank: build, resume, loop; rank 0 writes the records."""
+
+    def __init__(self, cfg: TrainConfig, ctx: Dist):
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = cfg.run_dir
+        require(cfg.batch_size % ctx.world == 0, "TrainConfig.batch_size",
+                f"global batch {cfg.batch_size} is not divisible by {ctx.world} ranks")
+        self.local_batch = cfg.batch_size // ctx.world
+        self.t_start = time.perf_counter()
+        self.rows: list[dict] = []
+        self.step = 0  # optimizer steps done
+        self.wall_before = 0.0  # wall time of earlier sessions of this run
+        self.n_params = self.flops_per_token = None  # known once the model is built
+        self.peak, self.peak_source = peak_flops(ctx.device) if ctx.main else (None, "rank 0 only")
+
+    # records -------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        record = {"config": asdict(self.cfg), "run": self.cfg.run_name, "seed": self.cfg.seed,
+                  "git": rr.git_commit(), "env": rr.environment(self.ctx.device), "world_size": self.ctx.world,
+                  "data": self.data.meta, "model": {"params": self.n_params, "vocab_size": self.data.vocab_size,
+                                                    "train_flops_per_token": self.flops_per_token}}
+        rr.write_json(self.run_dir / rr.CONFIG_FILE, record)
+
+    def _summary(self, status: str, error: str | None = None, trace: str | None = None) -> dict:
+        evals = [r for r in self.rows if r.get("val_loss") is not None]
+        best = min(evals, key=lambda r: r["val_loss"], default={})
+        final = evals[-1] if evals else {}
+        speeds = [r["tokens_per_s"] for r in self.rows if r.get("tokens_per_s")]
+        tokens_per_s = median(speeds) if speeds else None
+        mem, mem_kind = peak_memory_bytes(self.ctx.device)
+        return {
+            "status": status, "error": error, "traceback": trace, "steps_done": self.step, "steps": self.cfg.steps,
+            "best_val_loss": best.get("val_loss"), "best_val_step": best.get("step"),
+            "final": {k: v for k, v in final.items() if k.startswith(("val_", "train_loss"))},
+            "median_tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s),
+            "peak_flops": self.peak, "peak_flops_source": self.peak_source,
+            "train_flops_per_token": self.flops_per_token, "params": self.n_params,
+            "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "world_size": self.ctx.world,
+            "device": rr.environment(self.ctx.device)["device"],
+            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
+        }
+
+    def _mfu(self, tokens_per_s: float | None) -> float | None:
+        """Achieved FLOP/s (train FLOPs per token x tokens/s over all ranks) / (peak x ranks)."""
+        if tokens_per_s is None or self.peak is None:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak * self.ctx.world)
+
+    def _finish(self, status: str, error: str | None = None, trace: str | None = None) -> RunResult:
+        summary = self._summary(status, error, trace)
+        if self.ctx.main:
+            rr.write_json(self.run_dir / rr.SUMMARY_FILE, summary)
+        return RunResult(self.run_dir, status, summary, self.rows)
+
+    def _checkpoint(self) -> None:
+        if not self.ctx.main:
+            return
+        rr.save_checkpoint(self.run_dir / rr.CHECKPOINT_FILE, {
+            "step": self.step, "config": self.cfg.identity(),
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "schedule": {"step": self.step, "lr": lr_at(self.cfg, max(0, self.step - 1))},
+            "rng": rng_state(self.ctx.device),
+            "data": {"meta": self.data.meta, "seed": self.cfg.seed, "next_step": self.step},
+            "interval": self.interval.state_dict(), "metrics": self.rows,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
+        })
+
+    def _resume(self) -> None:
+        state = rr.load_checkpoint(self.run_dir / rr.CHECKPOINT_FILE)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.interval.load_state_dict(state["interval"])
+        self.step, self.rows, self.wall_before = state["step"], state["metrics"], state["wall_time_s"]
+        set_rng_state(state["rng"], self.ctx.device)
+        if self.ctx.main:
+            tqdm.write(f"{self.run_dir}: resuming at step {self.step}", file=sys.stderr)
+
+    # set-up --------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.main:  # rank 0 fills the data cache; the others then read it
+            self.data = load_data(cfg.data_config())
+        ctx.barrier()
+        if not ctx.main:
+            self.data = load_data(cfg.data_config())
+        seed_everything(cfg.seed)
+        model_cfg = cfg.model_config(self.data.vocab_size)
+        self.model = TinyMoEModel(model_cfg).to(ctx.device)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.flops_per_token = train_flops_per_token(model_cfg)
+        self.opt = _optimizer(self.model, cfg, ctx.device)
+        self.interval = Interval(len(self.model.moe_layers()), cfg.num_experts, ctx.device)
+        self.train_model = self.model
+        if ctx.world > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model, mode=cfg.compile_mode)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+
+    def autocast(self):
+        if self.ctx.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # the loop ------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        try:
+            self._build()
+            self._resume()
+            if self.ctx.main and self.step == 0:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._write_config()
+            return self._loop()
+        except Diverged as err:
+            if self.ctx.main:
+                tqdm.write(f"{self.run_dir}: DIVERGED: {err}; records kept, stopping", file=sys.stderr)
+            return self._finish("diverged", str(err))
+        except Exception as err:
+            if self.ctx.main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._finish("failed", f"{type(err).__name__}: {err}", traceback.format_exc())
+            raise
+
+    def _loop(self) -> RunResult:
+        cfg, ctx = self.cfg, self.ctx
+        stop = min(cfg.steps, cfg.stop_after or cfg.steps)
+        timer = StepTimer(ctx.device)
+        first_step = self.step
+        tokens_per_step = self.local_batch * cfg.seq_len * ctx.world
+        first_bad = torch.full((), cfg.steps + 1, device=ctx.device)  # 1 + first step with non-finite loss
+        log_loss = torch.zeros((), device=ctx.device)
+        t_log, log_steps = time.perf_counter(), 0
+        with tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress),
+                  desc=cfg.run_name, dynamic_ncols=True) as bar:
+            while self.step < stop:
+                step = self.step
+                if step > first_step:  # a session's first step warms up (allocation, compilation)
+                    timer.before_step()
+                for group in self.opt.param_groups:
+                    group["lr"] = lr_at(cfg, step)
+                x_BS, y_BS = self.data.train_batch(step, self.local_batch, cfg.seed, ctx.rank, ctx.world)
+                if cfg.compile:  # CUDA-graph trees (reduce-overhead) need the step boundary marked
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self.autocast():
+                    out = self.train_model(x_BS.to(ctx.device, non_blocking=True),
+                                           y_BS.to(ctx.device, non_blocking=True))
+                    loss = training_loss(out)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.interval.add(out)
+                first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad <= step), first_bad, step + 1)
+                log_loss += out.loss.detach().float()
+                self.step += 1
+                log_steps += 1
+                bar.update(1)
+                eval_now = self.step % cfg.eval_interval == 0 or self.step == cfg.steps
+                sync_now = eval_now or self.step % cfg.log_interval == 0 or self.step == stop
+                if not sync_now:
+                    continue
+                bad = int(ctx.all_reduce(first_bad, dist.ReduceOp.MIN).item())
+                if bad <= cfg.steps:
+                    raise Diverged(f"non-finite training loss at step {bad} (lr={lr_at(cfg, bad - 1):.3g})")
+                rate = tokens_per_step * log_steps / (time.perf_counter() - t_log)
+                bar.set_postfix(loss=f"{log_loss.item() / log_steps:.4f}", tok_s=f"{rate:,.0f}")
+                log_loss.zero_()
+                if eval_now:
+                    self._evaluate(timer, tokens_per_step)
+                if eval_now or self.step == stop:
+                    self._checkpoint()
+                t_log, log_steps = time.perf_counter(), 0
+        return self._finish("ok" if self.step >= cfg.steps else "stopped")
+
+    def _evaluate(self, timer: StepTimer, tokens_per_step: int) -> None:
+        timed_steps, seconds = timer.stop()
+        tokens_per_s = tokens_per_step * timed_steps / seconds if timed_steps else None
+        row = {"step": self.step, "tokens": self.step * tokens_per_step, "lr": lr_at(self.cfg, self.step - 1)}
+        row |= self.interval.reduce(self.ctx)
+        row |= evaluate(self.model, self.data, self.local_batch, self.ctx, self.autocast)
+        mem, _ = peak_memory_bytes(self.ctx.device)
+        row |= {"tokens_per_s": tokens_per_s, "timed_steps": timed_steps, "mfu": self._mfu(tokens_per_s),
+                "peak_mem_bytes": mem, "wall_time_s": self.wall_before + time.perf_counter() - self.t_start}
+        self.rows.append(rr.jsonable(row))
+        if self.ctx.main:
+            rr.write_metrics(self.run_dir / rr.METRICS_FILE, self.rows)
