@@ -46,19 +46,32 @@ paper:
 	@command -v $(LATEXMK) >/dev/null || { echo "latexmk not found; install: apt-get install -y --no-install-recommends $(TEX_PACKAGES)" >&2; exit 1; }
 	cd paper && $(LATEXMK) -pdf -interaction=nonstopmode -halt-on-error -file-line-error main.tex slides.tex
 
-# The paper's generated inputs, from run records (EXPERIMENT: smoke now, experiment_a once the H100
-# runs exist) and H100 bench records: figures, tables and number macros. See README "Reproduce the paper".
-EXPERIMENT ?= smoke
+# The paper's generated inputs (figures, tables, number macros) from run records and H100 bench records;
+# see README "Reproduce the paper". Only Experiment A writes the committed destinations (figures/,
+# paper/tables/, paper/numbers_*.tex); any other EXPERIMENT (a draft from the smoke study:
+# `make paper-inputs EXPERIMENT=smoke`) writes to figures/<experiment>/ and paper/tables/<experiment>/,
+# and the notebooks refuse it anywhere else.
+EXPERIMENT ?= experiment_a
+ifeq ($(EXPERIMENT),experiment_a)
+FIGURES_DIR := figures
+TABLES_DIR := paper/tables
+NUMBERS_DIR := paper
+else
+FIGURES_DIR := figures/$(EXPERIMENT)
+TABLES_DIR := paper/tables/$(EXPERIMENT)
+NUMBERS_DIR := $(TABLES_DIR)
+endif
 BENCH_DIR ?= runs/benchmarks/h100_20261126
 # Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
 CAPACITY_DIR ?= runs/benchmarks/h100_20261126_91bb604_x3
+PAPER_DIRS := -p experiment $(EXPERIMENT) -p figures_dir $(FIGURES_DIR) -p tables_dir $(TABLES_DIR)
 paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/$(EXPERIMENT)/analysis_a.ipynb \
-		-p experiment $(EXPERIMENT) -p figures_dir figures -p tables_dir paper/tables -p numbers_path paper/numbers_a.tex
+		$(PAPER_DIRS) -p numbers_path $(NUMBERS_DIR)/numbers_a.tex
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_b.ipynb executed/$(EXPERIMENT)/analysis_b.ipynb \
-		-p experiment $(EXPERIMENT) -p bench_dir $(CAPACITY_DIR) -p figures_dir figures -p tables_dir paper/tables \
-		-p numbers_path paper/numbers_b.tex
-	$(BIN)/python -m moe_core.analysis.paper --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR)
+		$(PAPER_DIRS) -p bench_dir $(CAPACITY_DIR) -p numbers_path $(NUMBERS_DIR)/numbers_b.tex
+	$(BIN)/python -m moe_core.analysis.paper --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR) \
+		--out-dir $(NUMBERS_DIR)
 
 paper-clean:
 	cd paper && $(LATEXMK) -C main.tex slides.tex

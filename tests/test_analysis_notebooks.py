@@ -1,7 +1,8 @@
 """The analysis notebooks end to end under papermill, on real tiny records made here (training
 runs, and a tiny capacity bench): every figure in three formats, the booktabs tables whose
-numbers match the records, the number macros; and, without records, a clean no-op run (what
-``pytest --nbval notebooks`` meets in a fresh clone)."""
+numbers match the records, the number macros; without records, a clean no-op run (what
+``pytest --nbval notebooks`` meets in a fresh clone); and a draft aimed at the committed paper
+inputs stops before it reads anything."""
 import json
 import math
 import statistics
@@ -12,7 +13,7 @@ import pytest
 from test_results import SPECS, train_runs
 
 from moe_core import bench
-from moe_core.analysis import results
+from moe_core.analysis import latex, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES_A = ("frontier", "training_curve", "routing_stats", "iso_flop")
@@ -73,14 +74,14 @@ def test_experiment_a_table_matches_records(records, outputs):
     rows = {(row[0], row[2]): row for row in table_rows(outputs / "tables/exp.tex")}
     assert set(rows) == {("top1", "1.0"), ("softk", "1.25"), ("dense", "--")}
     softk = [best_ppl(f"softk_cf1.25_s{s}") for s in (0, 1)]
-    ci = results.t_quantile(0.975, 1) * statistics.stdev(softk) / math.sqrt(2)
+    ci = stats.t_quantile(0.975, 1) * statistics.stdev(softk) / math.sqrt(2)
     assert rows["softk", "1.25"][3] == "2"  # seeds
-    assert rows["softk", "1.25"][4] == f"{results.format_number(statistics.mean(softk))} $\\pm$ " \
-                                       f"{results.format_number(ci, 2)}"
-    assert rows["top1", "1.0"][4] == results.format_number(best_ppl("top1_cf1.0_s0"))
-    assert rows["dense", "--"][4] == results.format_number(best_ppl("dense_s0"))
+    assert rows["softk", "1.25"][4] == f"{latex.format_number(statistics.mean(softk))} $\\pm$ " \
+                                       f"{latex.format_number(ci, 2)}"
+    assert rows["top1", "1.0"][4] == latex.format_number(best_ppl("top1_cf1.0_s0"))
+    assert rows["dense", "--"][4] == latex.format_number(best_ppl("dense_s0"))
     macros = (outputs / "paper/numbers_a.tex").read_text()
-    assert f"\\newcommand{{\\SoftkCfOnePtTwoFivePpl}}{{{results.format_number(statistics.mean(softk))}}}" in macros
+    assert f"\\newcommand{{\\SoftkCfOnePtTwoFivePpl}}{{{latex.format_number(statistics.mean(softk))}}}" in macros
     assert "\\newcommand{\\DensePpl}{" in macros and "\\newcommand{\\NumRuns}{4}" in macros
 
 
@@ -90,10 +91,10 @@ def test_experiment_b_table_matches_records(records, outputs):
     assert len(rows) == len(cells) == 12  # 2 sources x 2 k x 3 CF, one bench run
     for cell in cells:
         row = rows[cell["source"], str(cell["top_k"]), cell["cf_label"]]
-        assert row[4] == results.format_number(100 * cell["drop_rate"])
+        assert row[4] == latex.format_number(100 * cell["drop_rate"])
     macros = (outputs / "paper/numbers_b.tex").read_text()
     cell = next(c for c in cells if c["source"] == "random" and c["top_k"] == 2 and c["cf_label"] == "1.0")
-    assert f"\\CapRandomEFourKTwoCfOnePtZeroDropPct}}{{{results.format_number(100 * cell['drop_rate'])}}}" in macros
+    assert f"\\CapRandomEFourKTwoCfOnePtZeroDropPct}}{{{latex.format_number(100 * cell['drop_rate'])}}}" in macros
     assert "\\newcommand{\\SoftkBestCf}{1.25}" in macros
 
 
@@ -101,3 +102,15 @@ def test_without_records_the_notebooks_do_nothing(tmp_path):
     """Defaults in a fresh clone: no runs/smoke, no bench records; the notebooks run and write nothing."""
     analyse(tmp_path / "runs", "smoke", tmp_path / "bench", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("part", ["a", "b"])
+def test_a_draft_cannot_overwrite_the_committed_paper_inputs(tmp_path, part):
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()}
+    with pytest.raises(papermill.PapermillExecutionError, match="experiment: only experiment_a writes"):
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / f"analysis_{part}.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+            parameters=dict(runs_dir=str(tmp_path), experiment="smoke", figures_dir="figures",
+                            tables_dir=str(tmp_path / "tables"), numbers_path=str(tmp_path / "numbers.tex")),
+            cwd=str(ROOT), progress_bar=False)
+    assert {p: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()} == before

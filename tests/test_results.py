@@ -1,14 +1,16 @@
-"""moe_core.results on records of real tiny training runs: loading, seed statistics (mean, s.d.,
-Student-t CI), the Pareto front, iso-FLOP FLOPs and interpolation, failed and diverged runs kept
-in view, LaTeX number macros and tables."""
+"""moe_core.analysis (load, stats, latex, tables) on records of real tiny training runs: loading
+(stored numbers read, computed only for records that lack them), seed statistics (mean, s.d.,
+Student-t CI), the Pareto front, iso-FLOP FLOPs and interpolation, failed and diverged runs kept in
+view, LaTeX number macros and tables, and the guard on the committed paper inputs."""
 import json
 import math
+import shutil
 import statistics
 
 import pandas as pd
 import pytest
 
-from moe_core.analysis import results
+from moe_core.analysis import latex, load, results, stats, tables
 from moe_core.train import loop as train_mod  # the loop looks training_loss up there
 from moe_core.flops import train_flops_per_token
 from moe_core.train import TrainConfig, train
@@ -61,7 +63,7 @@ def runs_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(runs_dir):
-    return results.load_experiment(runs_dir, "exp")
+    return load.load_experiment(runs_dir, "exp")
 
 
 def test_runs_frame_flattens_config_and_summary(runs_dir, loaded):
@@ -77,95 +79,95 @@ def test_runs_frame_flattens_config_and_summary(runs_dir, loaded):
 def test_seed_aggregate_mean_std_ci_from_records(runs_dir, loaded):
     ppl = [math.exp(summary(runs_dir, f"softk_cf1.25_s{s}")["best_val_loss"]) for s in (0, 1)]
     tok_s = [summary(runs_dir, f"softk_cf1.25_s{s}")["median_tokens_per_s"] for s in (0, 1)]
-    row = results.run_table(loaded.runs).set_index("name").loc["softk cf1.25"]
+    row = stats.run_table(loaded.runs).set_index("name").loc["softk cf1.25"]
     assert row["n_runs"] == 2 and row["runs"] == "softk_cf1.25_s0, softk_cf1.25_s1"
     assert row["best_val_ppl_mean"] == pytest.approx(statistics.mean(ppl))
     assert row["best_val_ppl_std"] == pytest.approx(statistics.stdev(ppl))
     assert row["best_val_ppl_ci95"] == pytest.approx(T_975[1] * statistics.stdev(ppl) / math.sqrt(2), rel=1e-4)
     assert row["median_tokens_per_s_mean"] == pytest.approx(statistics.mean(tok_s))
-    one = results.run_table(loaded.runs).set_index("name").loc["top1 cf1.0"]
+    one = stats.run_table(loaded.runs).set_index("name").loc["top1 cf1.0"]
     assert one["n_runs"] == 1 and math.isnan(one["best_val_ppl_std"]) and math.isnan(one["best_val_ppl_ci95"])
 
 
 @pytest.mark.parametrize("df", sorted(T_975))
 def test_t_quantile_matches_tables(df):
-    assert results.t_quantile(0.975, df) == pytest.approx(T_975[df], abs=1e-4)
+    assert stats.t_quantile(0.975, df) == pytest.approx(T_975[df], abs=1e-4)
 
 
 def test_welch_difference_by_hand():
-    a, b = results.summarize([1.0, 2.0, 3.0]), results.summarize([2.0, 3.0, 4.0])
-    diff, ci = results.welch_difference(a, b)  # equal n and s.d.: Welch df = 2(n - 1) = 4
+    a, b = stats.summarize([1.0, 2.0, 3.0]), stats.summarize([2.0, 3.0, 4.0])
+    diff, ci = stats.welch_difference(a, b)  # equal n and s.d.: Welch df = 2(n - 1) = 4
     assert diff == pytest.approx(-1.0) and ci == pytest.approx(T_975[4] * math.sqrt(2 / 3), abs=1e-4)
-    a, b = results.summarize([1.0, 2.0, 3.0]), results.summarize([4.0, 6.0, 8.0])
+    a, b = stats.summarize([1.0, 2.0, 3.0]), stats.summarize([4.0, 6.0, 8.0])
     df = (1 / 3 + 4 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)  # 50/17
-    assert results.welch_difference(a, b)[1] == pytest.approx(results.t_quantile(0.975, df) * math.sqrt(5 / 3))
-    assert math.isnan(results.welch_difference(results.summarize([1.0]), b)[1])
+    assert stats.welch_difference(a, b)[1] == pytest.approx(stats.t_quantile(0.975, df) * math.sqrt(5 / 3))
+    assert math.isnan(stats.welch_difference(stats.summarize([1.0]), b)[1])
 
 
 def ranked_runs(ppl: dict) -> pd.DataFrame:
     """A runs frame: (router, cf label) -> seed perplexities, plus one failed run of expert_choice."""
     rows = [{"label": r, "cf_label": cf, "status": "ok", "best_val_ppl": v}
             for (r, cf), values in ppl.items() for v in values]
-    return pd.DataFrame([*rows, {"label": "expert_choice", "cf_label": "1", "status": "failed", "best_val_ppl": 1.0}])
+    return pd.DataFrame([*rows, {"label": "expert_choice", "cf_label": "1.0", "status": "failed", "best_val_ppl": 1.0}])
 
 
 def test_ranking_check_verdicts_at_each_routers_best_shared_capacity():
-    check = results.ranking_check(ranked_runs({
-        ("expert_choice", "1"): [3.0, 3.1, 3.2], ("expert_choice", "1.25"): [3.5, 3.6, 3.7],
-        ("softk", "1"): [3.9, 4.0, 4.1], ("softk", "1.25"): [3.45, 3.55, 3.65],
+    check = stats.ranking_check(ranked_runs({
+        ("expert_choice", "1.0"): [3.0, 3.1, 3.2], ("expert_choice", "1.25"): [3.5, 3.6, 3.7],
+        ("softk", "1.0"): [3.9, 4.0, 4.1], ("softk", "1.25"): [3.45, 3.55, 3.65],
         ("softk", "dropless"): [1.0, 1.0, 1.0],  # not shared by all: must not count
-        ("hash", "1"): [3.6, 3.7, 3.8], ("hash", "1.25"): [3.4, 3.5, 3.6],
-        ("topk_hard", "1"): [5.0, 5.1, 5.2], ("topk_hard", "1.25"): [5.0, 5.1, 5.2],
-        ("top1", "1"): [3.0, 6.0, 9.0], ("top1", "1.25"): [8.0, 9.0, 10.0]}))
+        ("hash", "1.0"): [3.6, 3.7, 3.8], ("hash", "1.25"): [3.4, 3.5, 3.6],
+        ("topk_hard", "1.0"): [5.0, 5.1, 5.2], ("topk_hard", "1.25"): [5.0, 5.1, 5.2],
+        ("top1", "1.0"): [3.0, 6.0, 9.0], ("top1", "1.25"): [8.0, 9.0, 10.0]}))
     assert list(zip(check["better"], check["worse"])) == [("expert_choice", "softk"), ("softk", "hash"),
                                                          ("hash", "topk_hard"), ("topk_hard", "top1")]
-    assert list(check["better_cf"]) == ["1", "1.25", "1.25", "1"]  # failed EC run (ppl 1.0) ignored
+    assert list(check["better_cf"]) == ["1.0", "1.25", "1.25", "1.0"]  # failed EC run (ppl 1.0) ignored
     assert check["better_mean"].iloc[0] == pytest.approx(3.1) and check["worse_mean"].iloc[0] == pytest.approx(3.55)
     assert list(check["verdict"]) == ["holds", "unresolved", "holds", "unresolved"]
-    numbers = results.ranking_numbers(check)
+    numbers = tables.ranking_numbers(check)
     assert (numbers["PriorClaimVerdict"], numbers["PriorClaimHold"], numbers["PriorClaimUnresolved"]) == \
         ("is not resolved", 2, 2)
-    assert numbers["MeasuredOrder"].startswith("expert_choice cf1 3.10, hash cf1.25 3.50")
-    assert len(results.ranking_table(check)) == 4
+    assert numbers["MeasuredOrder"].startswith("expert_choice cf1.0 3.10, hash cf1.25 3.50")
+    assert len(tables.ranking_table(check)) == 4
 
 
 def test_ranking_check_reversal_and_missing_routers():
-    check = results.ranking_check(ranked_runs({("softk", "1"): [4.0, 4.1, 4.2], ("hash", "1"): [3.0, 3.1, 3.2]}))
+    check = stats.ranking_check(ranked_runs({("softk", "1.0"): [4.0, 4.1, 4.2], ("hash", "1.0"): [3.0, 3.1, 3.2]}))
     assert list(check["verdict"]) == ["reversed"]
-    assert results.ranking_numbers(check)["PriorClaimVerdict"] == "is contradicted"
-    assert list(results.ranking_check(ranked_runs({})).columns) == list(check.columns)
-    assert results.ranking_check(ranked_runs({})).empty and results.ranking_numbers(check.iloc[:0]) == {}
+    assert tables.ranking_numbers(check)["PriorClaimVerdict"] == "is contradicted"
+    assert list(stats.ranking_check(ranked_runs({})).columns) == list(check.columns)
+    assert stats.ranking_check(ranked_runs({})).empty and tables.ranking_numbers(check.iloc[:0]) == {}
 
 
 def test_failed_and_diverged_runs_are_listed_not_aggregated(loaded):
     runs = loaded.runs.set_index("run")
     assert runs.loc["hash_cf1.25_s0", "status"] == "failed" and "boom" in runs.loc["hash_cf1.25_s0", "error"]
     assert runs.loc["topk_hard_cf1.25_s0", "status"] == "diverged"
-    listed = results.failed_runs(loaded.runs)
+    listed = load.failed_runs(loaded.runs)
     assert set(listed["run"]) == {"hash_cf1.25_s0", "topk_hard_cf1.25_s0"}
-    names = set(results.run_table(loaded.runs)["name"])
+    names = set(stats.run_table(loaded.runs)["name"])
     assert names == {"top1 cf1.0", "softk cf1.25", "expert_choice cf1.25", "dense"}
-    assert "topk_hard cf1.25" not in set(results.curves(loaded.evals)["name"])
+    assert "topk_hard cf1.25" not in set(stats.curves(loaded.evals)["name"])
 
 
 def test_pareto_front_on_a_frame_from_the_records(loaded):
-    table = results.run_table(loaded.runs)[["name", *results.FRONT]]
-    fastest = table.loc[table[results.FRONT[0]].idxmax(), "name"]
-    best = table.loc[table[results.FRONT[1]].idxmin()]
+    table = stats.run_table(loaded.runs)[["name", *stats.FRONT]]
+    fastest = table.loc[table[stats.FRONT[0]].idxmax(), "name"]
+    best = table.loc[table[stats.FRONT[1]].idxmin()]
     worse = best.copy()  # slower and worse than the best-perplexity config: dominated
-    worse["name"], worse[results.FRONT[0]], worse[results.FRONT[1]] = "worse", best[results.FRONT[0]] / 2, \
-        best[results.FRONT[1]] + 1
+    worse["name"], worse[stats.FRONT[0]], worse[stats.FRONT[1]] = "worse", best[stats.FRONT[0]] / 2, \
+        best[stats.FRONT[1]] + 1
     twin = best.copy()  # equal on both axes: neither dominates the other
     twin["name"] = "twin"
     missing = best.copy()
-    missing["name"], missing[results.FRONT[0]] = "missing", math.nan
-    marked = results.pareto_front(pd.concat([table, pd.DataFrame([worse, twin, missing])], ignore_index=True))
+    missing["name"], missing[stats.FRONT[0]] = "missing", math.nan
+    marked = stats.pareto_front(pd.concat([table, pd.DataFrame([worse, twin, missing])], ignore_index=True))
     front = dict(zip(marked["name"], marked["pareto"]))
     assert front[fastest] and front[best["name"]] and front["twin"]
     assert not front["worse"] and not front["missing"]
     for row in marked[marked["pareto"]].itertuples():  # nothing on the front is dominated
-        x, y = getattr(row, results.FRONT[0]), getattr(row, results.FRONT[1])
-        assert not ((marked[results.FRONT[0]] > x) & (marked[results.FRONT[1]] < y)).any()
+        x, y = getattr(row, stats.FRONT[0]), getattr(row, stats.FRONT[1])
+        assert not ((marked[stats.FRONT[0]] > x) & (marked[stats.FRONT[1]] < y)).any()
 
 
 def test_iso_flop_is_tokens_times_flops_per_token(runs_dir, loaded):
@@ -178,15 +180,15 @@ def test_iso_flop_is_tokens_times_flops_per_token(runs_dir, loaded):
     per_token = loaded.runs.set_index("run")["train_flops_per_token"]
     assert per_token["top1_cf1.0_s0"] < per_token["softk_cf1.25_s0"]  # k=1 buys fewer FLOPs per token
 
-    curve = results.curves(evals)
-    budget, iso = results.loss_at_flops(curve)
+    curve = stats.curves(evals)
+    budget, iso = stats.loss_at_flops(curve)
     top1 = curve[curve["name"] == "top1 cf1.0"]
     assert budget == pytest.approx(top1["train_flops"].max())  # the smallest final compute: top1's
     at = iso.set_index("name")["val_loss_mean_at_budget"]
     assert at["top1 cf1.0"] == pytest.approx(top1["val_loss_mean"].iloc[-1])
     softk = curve[curve["name"] == "softk cf1.25"]
     assert softk["val_loss_mean"].min() <= at["softk cf1.25"] <= softk["val_loss_mean"].max()
-    assert results.loss_at_flops(curve, budget=1.0)[1]["val_loss_mean_at_budget"].isna().all()  # not extrapolated
+    assert stats.loss_at_flops(curve, budget=1.0)[1]["val_loss_mean_at_budget"].isna().all()  # not extrapolated
 
 
 def test_expert_choice_headline_is_causal(runs_dir, loaded):
@@ -199,44 +201,97 @@ def test_expert_choice_headline_is_causal(runs_dir, loaded):
 
 
 def test_numbers_table_and_macros(tmp_path, runs_dir, loaded):
-    table = results.run_table(loaded.runs)
-    budget, iso = results.loss_at_flops(results.curves(loaded.evals))
-    numbers = results.experiment_a_numbers(loaded.runs, table, iso, budget)
+    table = stats.run_table(loaded.runs)
+    budget, iso = stats.loss_at_flops(stats.curves(loaded.evals))
+    numbers = tables.experiment_a_numbers(loaded.runs, table, iso, budget)
     assert numbers["NumFailedRuns"] == 1 and numbers["NumDivergedRuns"] == 1 and numbers["MaxSeeds"] == 2
     softk = table.set_index("name").loc["softk cf1.25"]
     assert numbers["softk cf1.25 ppl"] == softk["best_val_ppl_mean"]
     split = json.loads((runs_dir / "exp/softk_cf1.25_s0/config.json").read_text())["data"]["splits"]["train"]
     assert (numbers["CorpusTrainTokens"], numbers["CorpusTrainStories"]) == (split["n_tokens"], split["n_stories"])
     assert numbers["TrainEpochs"] == pytest.approx(numbers["TrainTokens"] / split["n_tokens"])
-    path = results.write_numbers(numbers, tmp_path / "numbers_a.tex")
-    results.write_numbers({"x": 1}, tmp_path / "numbers_b.tex")
+    path = latex.write_numbers(numbers, tmp_path / "numbers_a.tex")
+    latex.write_numbers({"x": 1}, tmp_path / "numbers_b.tex")
     text = path.read_text()
-    assert f"\\newcommand{{\\SoftkCfOnePtTwoFivePpl}}{{{results.format_number(softk['best_val_ppl_mean'])}}}" in text
+    assert f"\\newcommand{{\\SoftkCfOnePtTwoFivePpl}}{{{latex.format_number(softk['best_val_ppl_mean'])}}}" in text
     assert "\\newcommand{\\BestRouter}{" in text and "\\newcommand{\\NumFailedRuns}{1}" in text
     assert (tmp_path / "numbers.tex").read_text().count("\\InputIfFileExists") == 2
-    tex = results.write_table(results.experiment_a_table(table, iso, budget), tmp_path / "t.tex", "cap", "tab:t")
+    tex = latex.write_table(tables.experiment_a_table(table, iso, budget), tmp_path / "t.tex", "cap", "tab:t")
     body = tex.read_text()
     assert "\\toprule" in body and "\\bottomrule" in body and body.count("\\\\\n") == len(table) + 1
 
 
 @pytest.mark.parametrize("key,name", [("softk cf1.25 ppl", "SoftkCfOnePtTwoFivePpl"), ("BestRouter", "BestRouter"),
                                       ("topk_hard dropless drop pct", "TopkHardDroplessDropPct"),
-                                      ("cap skewed:1 e8 k2 cf 1", "CapSkewedOneEEightKTwoCfOne")])
+                                      ("cap skewed:1 e8 k2 cf 1.0", "CapSkewedOneEEightKTwoCfOnePtZero")])
 def test_macro_names_are_letters_only(key, name):
-    assert results.macro_name(key) == name
+    assert latex.macro_name(key) == name
 
 
 def test_formatting_and_macro_clashes():
-    assert [results.format_number(v) for v in (3.2149, 41.77, 12345.6, 0.0512, 1.5e15, 7, None, math.nan)] == \
+    assert [latex.format_number(v) for v in (3.2149, 41.77, 12345.6, 0.0512, 1.5e15, 7, None, math.nan)] == \
         ["3.21", "41.8", "12,300", "0.0512", "$1.5\\times10^{15}$", "7", "n/a", "n/a"]
-    assert results.format_mean_ci(3.214, 0.0512) == "3.21 $\\pm$ 0.051"
-    assert results.latex_macros({"a": "expert_choice"}).endswith("\\newcommand{\\A}{expert\\_choice}\n")
+    assert latex.format_mean_ci(3.214, 0.0512) == "3.21 $\\pm$ 0.051"
+    assert latex.latex_macros({"a": "expert_choice"}).endswith("\\newcommand{\\A}{expert\\_choice}\n")
     with pytest.raises(ValueError, match="both make"):
-        results.latex_macros({"a b": 1, "A_b": 2})
+        latex.latex_macros({"a b": 1, "A_b": 2})
 
 
 def test_missing_records_are_empty_not_errors(tmp_path):
-    assert not results.has_runs(tmp_path, "nothing")
-    runs, evals = results.load_experiment(tmp_path, "nothing")
+    assert not load.has_runs(tmp_path, "nothing")
+    runs, evals = load.load_experiment(tmp_path, "nothing")
     assert runs.empty and evals.empty
-    assert results.load_bench(tmp_path / "no_bench").empty
+    assert load.load_bench(tmp_path / "no_bench").empty
+
+
+def copy_run(runs_dir, tmp_path, experiment: str):
+    """A copy of the softk seed-0 run under tmp_path/experiment: (run dir, its summary, its config record)."""
+    run = tmp_path / experiment / "softk_cf1.25_s0"
+    shutil.copytree(runs_dir / "exp" / run.name, run)
+    return run, json.loads((run / "summary.json").read_text()), json.loads((run / "config.json").read_text())
+
+
+def test_stored_numbers_are_read_and_computed_only_when_missing(tmp_path, runs_dir, loaded):
+    """FLOPs per token and the best validation loss and step come from summary.json (else config.json's
+    model); a record without them gets them computed from its config and metrics.jsonl."""
+    fresh = loaded.runs.set_index("run").loc["softk_cf1.25_s0"]
+    run, summary, record = copy_run(runs_dir, tmp_path, "stored")
+    (run / "summary.json").write_text(json.dumps(summary | {"train_flops_per_token": 123.0, "best_val_loss": 0.5,
+                                                            "best_val_step": 3}))
+    row = load.load_experiment(tmp_path, "stored").runs.iloc[0]
+    assert (row["train_flops_per_token"], row["best_val_loss"], row["best_val_step"]) == (123.0, 0.5, 3)
+    assert row["train_flops"] == 123.0 * row["tokens"] and row["best_val_ppl"] == pytest.approx(math.exp(0.5))
+
+    run, summary, record = copy_run(runs_dir, tmp_path, "older")
+    for key in ("train_flops_per_token", "best_val_loss", "best_val_step"):
+        del summary[key]
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.json").write_text(json.dumps(record | {"model": record["model"] | {"train_flops_per_token": 456.0}}))
+    row = load.load_experiment(tmp_path, "older").runs.iloc[0]
+    assert row["train_flops_per_token"] == 456.0
+    assert (row["best_val_loss"], row["best_val_step"]) == (fresh["best_val_loss"], fresh["best_val_step"])
+    del record["model"]["train_flops_per_token"]
+    (run / "config.json").write_text(json.dumps(record))
+    assert load.load_experiment(tmp_path, "older").runs.iloc[0]["train_flops_per_token"] == \
+        fresh["train_flops_per_token"]
+
+
+def test_only_the_paper_experiment_writes_the_committed_inputs(tmp_path):
+    figures, paper = tables.ROOT / "figures", tables.ROOT / "paper"
+    committed = (figures, paper / "tables", paper / "numbers_a.tex")
+    tables.check_destinations("experiment_a", *committed)
+    tables.check_destinations("smoke", figures / "smoke", paper / "tables" / "smoke",
+                              paper / "tables" / "smoke" / "numbers_a.tex")
+    for i in range(3):
+        drafts = [tmp_path / "figures", tmp_path / "tables", tmp_path / "numbers_a.tex"]
+        drafts[i] = committed[i]
+        with pytest.raises(ValueError, match=r"^experiment: only experiment_a writes the committed paper inputs"):
+            tables.check_destinations("smoke", *drafts)
+
+
+def test_results_namespace_is_the_pipeline():
+    assert results.load_experiment is load.load_experiment and results.run_table is stats.run_table
+    assert results.write_table is latex.write_table and results.experiment_a_table is tables.experiment_a_table
+    assert {"load_experiment", "run_table", "TeX", "write_experiment_a"} <= set(dir(results))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        results.no_such_name

@@ -4,7 +4,7 @@
                                   [--compiled-layer-dir runs/benchmarks/<dir>] [--latest-dir runs/benchmarks/<newest>]
 
 Writes two files beside the notebooks' numbers_a.tex / numbers_b.tex (and rewrites numbers.tex, which
-inputs them all, through moe_core.results.write_numbers):
+inputs them all, through moe_core.analysis.latex.write_numbers):
 
 - ``numbers_bench.tex``: H100 speed results. From the full-grid bench directory (default: the newest
   with train, layer and capacity records): train.csv (the real trainer's tokens/s, ms/step, MFU per
@@ -20,7 +20,7 @@ inputs them all, through moe_core.results.write_numbers):
   params/experiment_a.yaml expanded by moe_core.sweep; params/experiment_b.yaml), with the training
   defaults every run inherits from TrainConfig.
 
-Macro names come from moe_core.results.macro_name: ``train b128 padded reduce-overhead mtok s`` becomes
+Macro names come from moe_core.analysis.latex.macro_name: ``train b128 padded reduce-overhead mtok s`` becomes
 \\TrainBOneTwoEightPaddedReduceOverheadMtokS.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ import yaml
 
 from .. import sweep
 from ..config import cf_label
-from .results import TeX, format_number, write_numbers
 from ..train import TrainConfig
+from .latex import TeX, format_number, write_numbers
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP_FIELDS = ("dim", "layers", "heads", "hidden", "num_experts", "top_k", "seq_len", "batch_size", "steps",
@@ -188,8 +188,8 @@ def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict
 
 
 def mfu_numbers(bench_root: Path, min_dim: int = 768) -> dict:
-    """The newest train-bench record of a model with D >= ``min_dim`` (issue 8's MFU target): its
-    shape, the best MFU (shared FLOP counter / measured matmul peak), and that MFU with the causal
+    """The newest train-bench record of a model with D >= ``min_dim`` (wide enough for the matmuls to
+    dominate, as the paper's MFU figure needs): its shape, the best MFU (shared FLOP counter / measured matmul peak), and that MFU with the causal
     half of the attention scores, 3 * L * 2*S*D FLOPs per token, left out of the count."""
     records = [json.loads(p.read_text()) for p in sorted(bench_root.glob("*/train_*.json"))]
     records = [r for r in records if r.get("config", {}).get("model", {}).get("dim", 0) >= min_dim]

@@ -4,7 +4,7 @@ Why one module: every figure shares one geometry (single-column figures about 3.
 area of PLOT_WIDTH points plus axes, legends stacked below; the faceted routing_stats and capacity_*
 figures span the page, figure*), the same router colours (Okabe-Ito, colour-blind
 safe, fixed per router so a router looks the same in every figure) and units on every axis. The
-builders take the frames of moe_core.results; they compute nothing but plot geometry.
+builders take the frames of moe_core.analysis.stats; they compute nothing but plot geometry.
 
 Rendering is offline through vl-convert (no browser); the theme is applied at render time, so a
 builder's chart stays composable (concat, layer) before ``save``.
@@ -17,7 +17,8 @@ import altair as alt
 import pandas as pd
 import vl_convert
 
-from .results import LABELS, TRAINED_SOURCE, cf_order_value
+from .load import LABELS, cf_order_value
+from .stats import TRAINED_SOURCE
 
 # Okabe & Ito (2008), "Color universal design": distinguishable under the common colour-vision
 # deficiencies. Yellow last: it is faint on white.
@@ -87,7 +88,7 @@ def _column_figure(layers: list, title: str, subtitle: str) -> alt.LayerChart:
 
 # -- Experiment A -----------------------------------------------------------------------------------
 def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
-    """Throughput vs best validation perplexity per config (results.run_table), 95% CI bars over
+    """Throughput vs best validation perplexity per config (stats.run_table), 95% CI bars over
     seeds on both axes, the Pareto front as a dashed step, the dense baseline labelled."""
     df = _with_variant(_band(_band(table, "best_val_ppl_mean", "best_val_ppl_ci95")
                              .rename(columns={"lo": "y_lo", "hi": "y_hi"}),
@@ -118,7 +119,7 @@ def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
 
 
 def training_curve_chart(curve: pd.DataFrame) -> alt.LayerChart:
-    """Validation loss vs training tokens (results.curves): a line per config, band ±1 s.d. over seeds."""
+    """Validation loss vs training tokens (stats.curves): a line per config, band ±1 s.d. over seeds."""
     df = _with_variant(_band(curve.dropna(subset=["val_loss_mean"]), "val_loss_mean", "val_loss_std"))
     x = alt.X("tokens:Q", title="training tokens", axis=alt.Axis(format="~s"))
     color = _label_color(df)
@@ -151,7 +152,7 @@ def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT
 
 def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.LayerChart:
     """Validation loss vs training FLOPs (tokens x train FLOPs per token), so k=1 and k=2 compare
-    at equal compute; a vertical rule at the iso-FLOP budget of results.loss_at_flops."""
+    at equal compute; a vertical rule at the iso-FLOP budget of stats.loss_at_flops."""
     df = _with_variant(curve.dropna(subset=["val_loss_mean", "train_flops"]))
     x = alt.X("train_flops:Q", title="training compute (FLOPs; G = 1e9, T = 1e12, P = 1e15)",
               scale=alt.Scale(type="log", nice=False, padding=6), axis=alt.Axis(format="~s", tickCount=5))
@@ -198,8 +199,8 @@ def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Tit
 
 
 def capacity_drop_chart(bench: pd.DataFrame, trained: pd.DataFrame | None = None) -> alt.FacetChart:
-    """Dropped assignments (%) vs capacity factor (results.bench_table), per E and k, for random and
-    skewed logits and, from ``trained`` (results.trained_drop_rates), trained routers."""
+    """Dropped assignments (%) vs capacity factor (stats.bench_table), per E and k, for random and
+    skewed logits and, from ``trained`` (stats.trained_drop_rates), trained routers."""
     cols = ["source", "num_experts", "top_k", "cf_label", "drop_rate_mean"]
     parts = [bench[cols]] + ([trained[cols]] if trained is not None and len(trained) else [])
     frame = pd.concat(parts, ignore_index=True)
