@@ -1,0 +1,212 @@
+"""Expert parallelism (moe_core.parallel) on CPU with gloo, 2 and 4 spawned ranks.
+
+Every rank runs ExpertParallelMoE on its own tokens; the reference is the single-process
+MoEFeedForward holding all E experts with the same weights (its loop backend, the oracle), run on
+each rank's tokens. Outputs, statistics and gradients (x, router, every expert) must agree in
+float64. A 2-rank DDP run must train like one process on the concatenated batch. One spawn per
+world size runs every case; the tests then read its results.
+
+Widths D=5, F=7 are odd on purpose: float64 rows are then not 16-byte aligned, so the grouped
+dispatch takes its per-segment matmul (torch._grouped_mm has no float64 kernel on CPU).
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moe_core.config import MoEConfig
+from moe_core.moe import MoEFeedForward
+from moe_core.parallel import ExpertParallelMoE, data_parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+D, FH, E, K, T, V = 5, 7, 8, 2, 12, 50  # dim, expert hidden, experts, top-k, tokens per rank, vocab
+WORLDS = (2, 4)
+CASES = {  # name -> MoEConfig overrides; capacity cases must drop, except in eval
+    "top1_cf1": {"router": "top1", "top_k": 1, "capacity_factor": 1.0},
+    "top1_dropless": {"router": "top1", "top_k": 1, "capacity_factor": None},
+    "topk_hard_cf1": {"router": "topk_hard", "capacity_factor": 1.0},
+    "topk_hard_dropless": {"router": "topk_hard", "capacity_factor": None},
+    "softk_cf1": {"router": "softk", "capacity_factor": 1.0},
+    "softk_dropless": {"router": "softk", "capacity_factor": None},
+    "softk_cf1_score_renorm_swiglu": {"router": "softk", "capacity_factor": 1.0, "drop_policy": "score",
+                                      "renormalize": True, "activation": "swiglu"},
+    "hash_cf1": {"router": "hash", "capacity_factor": 1.0},
+    "hash_dropless": {"router": "hash", "capacity_factor": None},
+    "expert_choice_cf0.25": {"router": "expert_choice", "capacity_factor": 0.25},  # 8 slots, 12 tokens
+    "expert_choice_causal_eval": {"router": "expert_choice", "capacity_factor": 1.0},  # dropless token choice
+}
+TOL = 1e-10  # relative, float64 (the router's float32 logits are computed identically on both sides)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _inputs(world: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(world, T, D, generator=gen, dtype=torch.float64),
+            torch.randn(world, T, D, generator=gen, dtype=torch.float64), torch.randint(V, (world, T), generator=gen))
+
+
+def _objective(layer, x_TD, dy_TD, ids_T):
+    y_TD, stats = layer(x_TD, ids_T)
+    return (y_TD * dy_TD).sum() + stats.aux_loss + stats.z_loss, y_TD, stats
+
+
+def _layer_case(name: str, rank: int, world: int) -> dict:
+    cfg = MoEConfig(**{"dim": D, "hidden": FH, "num_experts": E, "top_k": K, "hash_vocab_size": V,
+                       "router_init_std": 1.0, **CASES[name]})
+    torch.manual_seed(0)
+    dense = MoEFeedForward(cfg).double()
+    dense.backend = "loop"
+    ep = ExpertParallelMoE.from_layer(dense)
+    if name.endswith("eval"):
+        dense.eval(), ep.eval()
+    x_WTD, dy_WTD, ids_WT = _inputs(world, seed=1)
+    x_TD = x_WTD[rank].clone().requires_grad_()
+    loss, y_TD, stats = _objective(ep, x_TD, dy_WTD[rank], ids_WT[rank])
+    dx_TD, *grads = torch.autograd.grad(loss, [x_TD, *ep.parameters()])
+    # reference: the whole layer on each rank's tokens; expert gradients summed over the ranks
+    dense_params = list(dense.parameters())
+    expert_grads = [torch.zeros_like(p) for p in dense.experts.parameters()]
+    for r in range(world):
+        xr_TD = x_WTD[r].clone().requires_grad_()
+        ref_loss, ref_y_TD, ref_stats = _objective(dense, xr_TD, dy_WTD[r], ids_WT[r])
+        ref_dx_TD, *ref_grads = torch.autograd.grad(ref_loss, [xr_TD, *dense_params])
+        expert_grads = [acc + g for acc, g in zip(expert_grads, ref_grads[len(ref_grads) - len(expert_grads):])]
+        if r == rank:
+            mine = (ref_y_TD, ref_dx_TD, ref_grads[:len(ref_grads) - len(expert_grads)], ref_stats)
+    ref_y_TD, ref_dx_TD, ref_router_grads, ref_stats = mine
+    first, count = ep.experts.first_expert, ep.experts.num_local
+    router_grads = grads[:len(ref_router_grads)]
+    stat_names = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", "max_vio", "tokens_per_expert")
+    return {
+        "y": _rel(y_TD, ref_y_TD), "dx": _rel(dx_TD, ref_dx_TD),
+        "router": max([_rel(g, r) for g, r in zip(router_grads, ref_router_grads)], default=0.0),
+        "router_grad_norm": sum(float(g.norm()) for g in ref_router_grads),
+        "experts": max(_rel(g, r[first:first + count]) for g, r in zip(grads[len(router_grads):], expert_grads)),
+        "stats": max(_rel(getattr(stats, k), getattr(ref_stats, k)) for k in stat_names),
+        "n_experts_checked": len(grads) - len(router_grads),
+        "drops": float(stats.drop_rate + stats.token_drop_rate),
+    }
+
+
+class _Tiny(torch.nn.Module):
+    """Linear -> MoE (residual) -> Linear -> MSE + balance losses: replicated parameters around the experts."""
+
+    def __init__(self, moe: torch.nn.Module):
+        super().__init__()
+        self.inp, self.moe, self.out = torch.nn.Linear(D, D), moe, torch.nn.Linear(D, D)
+
+    def forward(self, x_TD: torch.Tensor, target_TD: torch.Tensor) -> torch.Tensor:
+        h_TD = self.inp(x_TD)
+        y_TD, stats = self.moe(h_TD)
+        return F.mse_loss(self.out(h_TD + y_TD), target_TD) + stats.aux_loss + stats.z_loss
+
+
+def _ddp_case(rank: int, world: int, steps: int = 3) -> dict:
+    """DDP + expert parallel vs one process on the concatenated batch with the mean loss, routed
+    in per-rank groups (each rank's tokens are one routing group: that is the layer's capacity)."""
+    cfg = MoEConfig(dim=D, hidden=FH, num_experts=E, top_k=K, router="softk", capacity_factor=1.0,
+                    router_init_std=1.0)
+    torch.manual_seed(0)
+    ref = _Tiny(MoEFeedForward(cfg)).double()
+    model = copy.deepcopy(ref)
+    model.moe = ExpertParallelMoE.from_layer(ref.moe)
+    ddp = data_parallel(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref)]
+    x_WTD, target_WTD, _ = _inputs(world, seed=2)
+    errors = {"loss": 0.0}
+    for step in range(steps):
+        loss = ddp(x_WTD[rank], target_WTD[rank])
+        loss.backward()
+        ref_loss = sum(ref(x_WTD[r], target_WTD[r]) for r in range(world)) / world
+        ref_loss.backward()
+        dist.all_reduce(mean_loss := loss.detach().clone())
+        errors["loss"] = max(errors["loss"], _rel(mean_loss / world, ref_loss.detach()))
+        if step == 0:
+            errors["grads"] = _param_error(model, ref, lambda p: p.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    errors["params"] = _param_error(model, ref, lambda p: p.detach())
+    return errors
+
+
+def _param_error(model: _Tiny, ref: _Tiny, value) -> float:
+    """Largest relative difference of ``value(p)`` over the parameters; this rank's experts
+    against their slice of the reference's."""
+    first, count = model.moe.experts.first_expert, model.moe.experts.num_local
+    ref_params = dict(ref.named_parameters())
+    errors = []
+    for name, p in model.named_parameters():
+        ref_name = name.replace("experts.local.", "experts.")
+        ref_value = value(ref_params[ref_name])
+        if ref_name != name:
+            ref_value = ref_value[first:first + count]
+        errors.append(_rel(value(p), ref_value))
+    return max(errors)
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {name: _layer_case(name, rank, world) for name in CASES}
+        if world == 2:
+            results["ddp"] = _ddp_case(rank, world)
+        try:
+            ExpertParallelMoE(MoEConfig(dim=D, hidden=FH, num_experts=3 * world + 1, top_k=1))
+        except ValueError as err:
+            results["bad_split"] = str(err)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict[int, list[dict]]:
+    """world size -> each rank's results."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    results = {}
+    for world in WORLDS:
+        out = tmp / f"w{world}.json"
+        torch.multiprocessing.spawn(_worker, args=(world, str(tmp / f"init{world}"), str(out)), nprocs=world)
+        results[world] = json.loads(out.read_text())
+    return results
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", CASES)
+def test_expert_parallel_layer_equals_single_process(spawned, world, case):
+    ranks = [r[case] for r in spawned[world]]
+    for rank, errors in enumerate(ranks):
+        assert max(errors[k] for k in ("y", "dx", "router", "experts", "stats")) < TOL, (rank, errors)
+        assert errors["n_experts_checked"] == (3 if "swiglu" in case else 2)
+        assert (errors["router_grad_norm"] > 0) == (CASES[case]["router"] != "hash")
+    if CASES[case]["capacity_factor"] is not None and not case.endswith("eval"):
+        assert sum(r["drops"] for r in ranks) > 0, "this capacity should drop here"
+    else:
+        assert all(r["drops"] == 0 for r in ranks)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_experts_must_split_evenly(spawned, world):
+    assert all(r["bad_split"] == f"num_experts: {3 * world + 1} experts do not split evenly over {world} ranks"
+               for r in spawned[world])
+
+
+def test_ddp_expert_parallel_trains_like_one_process(spawned):
+    for rank, errors in enumerate(r["ddp"] for r in spawned[2]):
+        assert errors["loss"] < 1e-9 and errors["grads"] < 1e-9 and errors["params"] < 1e-9, (rank, errors)
