@@ -11,9 +11,9 @@ dispatch takes its per-segment matmul (torch._grouped_mm has no float64 kernel o
 """
 import copy
 import json
+import math
 import os
-import subprocess
-import sys
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_core.bench import expert_parallel as bench_ep
 from moe_core.config import MoEConfig
 from moe_core.moe import MoEFeedForward
 from moe_core.parallel import ExpertParallelMoE, data_parallel
 
-ROOT = Path(__file__).resolve().parents[1]
 D, FH, E, K, T, V = 5, 7, 8, 2, 12, 50  # dim, expert hidden, experts, top-k, tokens per rank, vocab
 WORLDS = (2, 4)
 CASES = {  # name -> MoEConfig overrides; capacity cases must drop, except in eval
@@ -42,6 +42,8 @@ CASES = {  # name -> MoEConfig overrides; capacity cases must drop, except in ev
     "expert_choice_cf0.25": {"router": "expert_choice", "capacity_factor": 0.25},  # 8 slots, 12 tokens
     "expert_choice_causal_eval": {"router": "expert_choice", "capacity_factor": 1.0},  # dropless token choice
 }
+BENCH_SETS = [f"--set={kv}" for kv in ("tokens=64", "dim=16", "hidden=16", "experts=[4]", "top_k=[2]",
+                                        "capacity_factors=[1.0, null]", "sources=[skewed:1.0]", "warmup=1")]
 TOL = 1e-10  # relative, float64 (the router's float32 logits are computed identically on both sides)
 
 
@@ -156,9 +158,9 @@ def _param_error(model: _Tiny, ref: _Tiny, value) -> float:
     return max(errors)
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, tmp: str, port: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init{world}", rank=rank, world_size=world)
     try:
         results = {name: _layer_case(name, rank, world) for name in CASES}
         if world == 2:
@@ -170,20 +172,29 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
-            Path(out).write_text(json.dumps(gathered))
+            Path(tmp, f"w{world}.json").write_text(json.dumps(gathered))
     finally:
         dist.destroy_process_group()
+    if world == 2:  # the benchmark's command line, in the environment torchrun gives it
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        assert bench_ep.main(["--device", "cpu", "--out", f"{tmp}/bench", *BENCH_SETS]) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> dict[int, list[dict]]:
-    """world size -> each rank's results."""
+def spawned(tmp_path_factory) -> dict:
+    """world size -> each rank's results; "bench" -> the benchmark's output directory."""
     tmp = tmp_path_factory.mktemp("parallel")
-    results = {}
+    results = {"bench": tmp / "bench"}
     for world in WORLDS:
-        out = tmp / f"w{world}.json"
-        torch.multiprocessing.spawn(_worker, args=(world, str(tmp / f"init{world}"), str(out)), nprocs=world)
-        results[world] = json.loads(out.read_text())
+        torch.multiprocessing.spawn(_worker, args=(world, str(tmp), _free_port()), nprocs=world)
+        results[world] = json.loads((tmp / f"w{world}.json").read_text())
     return results
 
 
@@ -210,3 +221,35 @@ def test_experts_must_split_evenly(spawned, world):
 def test_ddp_expert_parallel_trains_like_one_process(spawned):
     for rank, errors in enumerate(r["ddp"] for r in spawned[2]):
         assert errors["loss"] < 1e-9 and errors["grads"] < 1e-9 and errors["params"] < 1e-9, (rank, errors)
+
+
+def test_benchmark_runs_on_gloo_and_records(spawned):
+    out = spawned["bench"]
+    rows = [json.loads(line) for line in (out / "expert_parallel.jsonl").read_text().splitlines()]
+    assert [r["cf_label"] for r in rows] == ["1.0", "dropless"] and len(list(out.glob("expert_parallel_*.json"))) == 1
+    assert (out / "expert_parallel.csv").read_text().count("\n") == 3
+    capped, dropless = rows
+    # capacity: two exchanges of the [E, C, D] float32 buffer, C = ceil(1.0 * 64 * 2 / 4) = 32
+    assert capped["capacity"] == 32 and capped["a2a_bytes"] == capped["a2a_bytes_max"] == 2 * 4 * 32 * 16 * 4
+    assert capped["ref_bytes"] == capped["a2a_bytes"] / 2
+    assert capped["drop_rate"] > 0 and dropless["drop_rate"] == 0  # skewed routing overflows C
+    # dropless: every assignment (64 * 2 rows of 16 floats) out and back, plus the split sizes
+    assert dropless["a2a_bytes"] == 2 * 64 * 2 * 16 * 4 + 4 * 8
+    for row in rows:
+        assert row["world_size"] == 2 and row["backend"] == "gloo" and row["device_names"] == "cpu; cpu"
+        assert row["repeats"] == 20 and row["torch"] == torch.__version__ and row["commit"]
+        for mode in ("fwd", "fwd_bwd"):
+            assert 0 < row[f"{mode}_a2a_ms"] < row[f"{mode}_ms"] and 0 < row[f"{mode}_a2a_share"] < 1
+            assert math.isfinite(row[f"{mode}_ms_cv"])
+        assert row["a2a_busbw_gbps"] > 0 and row["ref_ms"] > 0 and row["a2a_over_ref"] > 0
+
+
+def test_benchmark_rejects_bad_arguments_before_work(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert bench_ep.main(["--device", "cpu"]) == 2
+    assert "world: run under torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert bench_ep.main(["--device", "cpu", "--set", "experts=[8]", "--set", "bogus=1"]) == 2
+    assert "--set: unknown key(s) ['bogus']" in capsys.readouterr().err
+    assert bench_ep.main(["--device", "cpu", "--set", "capacity_factors=[0]"]) == 2
+    assert "capacity_factor: must be > 0" in capsys.readouterr().err
