@@ -135,7 +135,7 @@ class ExpertParallelMoE(torch.nn.Module):
     def from_layer(cls, layer: MoEFeedForward, group=None) -> ExpertParallelMoE:
         """This rank's part of a single-process layer: its router (copied) and its E_r experts."""
         w1_EDF = layer.experts.w1_EDF
-        ep = cls(layer.cfg, group).to(w1_EDF.device, w1_EDF.dtype)
+        ep = cls(layer.cfg, group).to(w1_EDF.device, w1_EDF.dtype).train(layer.training)
         ep.router.load_state_dict(layer.router.state_dict())
         first, count = ep.experts.first_expert, ep.experts.num_local
         ep.experts.local.load_state_dict({k: v[first:first + count] for k, v in layer.experts.state_dict().items()})

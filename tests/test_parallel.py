@@ -58,9 +58,14 @@ def _inputs(world: int, seed: int) -> tuple[torch.Tensor, ...]:
             torch.randn(world, T, D, generator=gen, dtype=torch.float64), torch.randint(V, (world, T), generator=gen))
 
 
-def _objective(layer, x_TD, dy_TD, ids_T):
+def _run(layer, x_TD, dy_TD, ids_T) -> dict:
+    """Output, stats and the gradients of y . dy + balance losses for x, the router and the experts."""
+    x_TD = x_TD.clone().requires_grad_()
     y_TD, stats = layer(x_TD, ids_T)
-    return (y_TD * dy_TD).sum() + stats.aux_loss + stats.z_loss, y_TD, stats
+    router, experts = list(layer.router.parameters()), list(layer.experts.parameters())
+    dx_TD, *grads = torch.autograd.grad((y_TD * dy_TD).sum() + stats.aux_loss + stats.z_loss,
+                                        [x_TD, *router, *experts])
+    return {"y": y_TD, "dx": dx_TD, "router": grads[:len(router)], "experts": grads[len(router):], "stats": stats}
 
 
 def _layer_case(name: str, rank: int, world: int) -> dict:
@@ -73,31 +78,21 @@ def _layer_case(name: str, rank: int, world: int) -> dict:
     if name.endswith("eval"):
         dense.eval(), ep.eval()
     x_WTD, dy_WTD, ids_WT = _inputs(world, seed=1)
-    x_TD = x_WTD[rank].clone().requires_grad_()
-    loss, y_TD, stats = _objective(ep, x_TD, dy_WTD[rank], ids_WT[rank])
-    dx_TD, *grads = torch.autograd.grad(loss, [x_TD, *ep.parameters()])
-    # reference: the whole layer on each rank's tokens; expert gradients summed over the ranks
-    dense_params = list(dense.parameters())
-    expert_grads = [torch.zeros_like(p) for p in dense.experts.parameters()]
-    for r in range(world):
-        xr_TD = x_WTD[r].clone().requires_grad_()
-        ref_loss, ref_y_TD, ref_stats = _objective(dense, xr_TD, dy_WTD[r], ids_WT[r])
-        ref_dx_TD, *ref_grads = torch.autograd.grad(ref_loss, [xr_TD, *dense_params])
-        expert_grads = [acc + g for acc, g in zip(expert_grads, ref_grads[len(ref_grads) - len(expert_grads):])]
-        if r == rank:
-            mine = (ref_y_TD, ref_dx_TD, ref_grads[:len(ref_grads) - len(expert_grads)], ref_stats)
-    ref_y_TD, ref_dx_TD, ref_router_grads, ref_stats = mine
+    got = _run(ep, x_WTD[rank], dy_WTD[rank], ids_WT[rank])
+    # reference: the whole layer on each rank's tokens; an expert's gradient sums over the ranks
+    refs = [_run(dense, x_WTD[r], dy_WTD[r], ids_WT[r]) for r in range(world)]
+    want = refs[rank]
     first, count = ep.experts.first_expert, ep.experts.num_local
-    router_grads = grads[:len(ref_router_grads)]
+    expert_grads = [sum(grads)[first:first + count] for grads in zip(*(ref["experts"] for ref in refs))]
     stat_names = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", "max_vio", "tokens_per_expert")
     return {
-        "y": _rel(y_TD, ref_y_TD), "dx": _rel(dx_TD, ref_dx_TD),
-        "router": max([_rel(g, r) for g, r in zip(router_grads, ref_router_grads)], default=0.0),
-        "router_grad_norm": sum(float(g.norm()) for g in ref_router_grads),
-        "experts": max(_rel(g, r[first:first + count]) for g, r in zip(grads[len(router_grads):], expert_grads)),
-        "stats": max(_rel(getattr(stats, k), getattr(ref_stats, k)) for k in stat_names),
-        "n_experts_checked": len(grads) - len(router_grads),
-        "drops": float(stats.drop_rate + stats.token_drop_rate),
+        "y": _rel(got["y"], want["y"]), "dx": _rel(got["dx"], want["dx"]),
+        "router": max([_rel(g, w) for g, w in zip(got["router"], want["router"], strict=True)], default=0.0),
+        "router_grad_norm": sum(float(g.norm()) for g in want["router"]),
+        "experts": max(_rel(g, w) for g, w in zip(got["experts"], expert_grads, strict=True)),
+        "stats": max(_rel(getattr(got["stats"], k), getattr(want["stats"], k)) for k in stat_names),
+        "n_experts_checked": len(expert_grads),
+        "drops": float(got["stats"].drop_rate + got["stats"].token_drop_rate),
     }
 
 
@@ -126,6 +121,7 @@ def _ddp_case(rank: int, world: int, steps: int = 3) -> dict:
     ddp = data_parallel(model)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, ref)]
     x_WTD, target_WTD, _ = _inputs(world, seed=2)
+    start = copy.deepcopy(ref)
     errors = {"loss": 0.0}
     for step in range(steps):
         loss = ddp(x_WTD[rank], target_WTD[rank])
@@ -140,6 +136,7 @@ def _ddp_case(rank: int, world: int, steps: int = 3) -> dict:
             opt.step()
             opt.zero_grad()
     errors["params"] = _param_error(model, ref, lambda p: p.detach())
+    errors["moved"] = min(_rel(p, p0) for p, p0 in zip(ref.parameters(), start.parameters()))  # training did train
     return errors
 
 
@@ -221,6 +218,7 @@ def test_experts_must_split_evenly(spawned, world):
 def test_ddp_expert_parallel_trains_like_one_process(spawned):
     for rank, errors in enumerate(r["ddp"] for r in spawned[2]):
         assert errors["loss"] < 1e-9 and errors["grads"] < 1e-9 and errors["params"] < 1e-9, (rank, errors)
+        assert errors["moved"] > 1e-3
 
 
 def test_benchmark_runs_on_gloo_and_records(spawned):

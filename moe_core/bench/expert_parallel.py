@@ -150,7 +150,7 @@ def _cell(cfg: ExpertParallelBenchConfig, moe: MoEConfig, logits_NTE: torch.Tens
                logits_NTE[i % logits_NTE.shape[0]].to(dev).requires_grad_()) for i in range(cfg.sets)]
     with dev:  # initialised on the device: a CPU randn of the experts per cell would dominate
         layer = ExpertParallelMoE(moe).to(dtype)
-    layer.router = LogitsRouter(moe)
+        layer.router = LogitsRouter(moe)
     timer = layer.experts.exchange = ExchangeTimer(layer.experts.exchange, dev)
 
     def forward(inp):
@@ -165,7 +165,8 @@ def _cell(cfg: ExpertParallelBenchConfig, moe: MoEConfig, logits_NTE: torch.Tens
         step(inp)
 
     stats = [forward(inp) for inp in inputs]
-    routing = {k: statistics.fmean(float(getattr(s, k)) for s in stats) for k in ("drop_rate", "token_drop_rate", "load_cv")}
+    routing = {k: statistics.fmean(float(getattr(s, k)) for s in stats)
+               for k in ("drop_rate", "token_drop_rate", "load_cv")}
     timer.take()
     fwd, fwd_bwd_ = time_calls(forward, inputs, timer, cfg), time_calls(forward_backward, inputs, timer, cfg)
     # the reference: one bare all-to-all (equal splits) of a forward row exchange's bytes, mean over ranks
