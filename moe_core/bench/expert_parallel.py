@@ -151,7 +151,8 @@ def _cell(cfg: ExpertParallelBenchConfig, moe: MoEConfig, logits_NTE: torch.Tens
     with dev:  # initialised on the device: a CPU randn of the experts per cell would dominate
         layer = ExpertParallelMoE(moe).to(dtype)
         layer.router = LogitsRouter(moe)
-    timer = layer.experts.exchange = ExchangeTimer(layer.experts.exchange, dev)
+    # the shard's own exchange, timed (a wrapper of the bare collective: no reference cycle keeps the layer alive)
+    timer = layer.experts.exchange = ExchangeTimer(partial(exchange_rows, group=layer.experts.group), dev)
 
     def forward(inp):
         layer.router.logits_TE = inp[2]
