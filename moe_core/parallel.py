@@ -23,7 +23,6 @@ W world size, C capacity, N rows this rank sends, M rows it receives.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -61,11 +60,6 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad_MD, ctx.in_sizes, ctx.out_sizes, ctx.exchange), None, None, None
 
 
-def all_to_all(x_ND: torch.Tensor, out_sizes: Sizes = None, in_sizes: Sizes = None, group=None) -> torch.Tensor:
-    """Differentiable ``all_to_all_single`` over rows (dim 0)."""
-    return _AllToAll.apply(x_ND, out_sizes, in_sizes, partial(exchange_rows, group=group))
-
-
 class ExpertShard(torch.nn.Module):
     """This rank's E_r experts (``self.local``, an Experts module), presented to the dispatch
     backends as all E experts: ``batched`` and ``grouped`` exchange the rows, run the local
@@ -87,7 +81,7 @@ class ExpertShard(torch.nn.Module):
 
     def exchange(self, x_ND: torch.Tensor, out_sizes: Sizes = None, in_sizes: Sizes = None) -> torch.Tensor:
         """Every all-to-all of this shard, forward and backward, goes through here (the benchmark
-        times it by overriding this method)."""
+        times them by setting a timed wrapper of exchange_rows as the instance's ``exchange``)."""
         return exchange_rows(x_ND, out_sizes, in_sizes, self.group)
 
     def _all_to_all(self, x_ND: torch.Tensor, out_sizes: Sizes = None, in_sizes: Sizes = None) -> torch.Tensor:
