@@ -18,7 +18,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=4
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # NVLink multicast off: all-to-all does not use it
+# NVLink multicast stays off (shared hosts; all-to-all does not use it).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || true
 python3 -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-2}" \
     -m moe_core.bench.expert_parallel --device cuda --out "$out" "$@"
