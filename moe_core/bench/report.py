@@ -11,7 +11,6 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-import altair as alt
 import pandas as pd
 
 from .. import records as rr
@@ -89,9 +88,11 @@ def table(df: pd.DataFrame, section: str) -> str:
     return df[[c for c in TABLES[section] if c in df]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def capacity_chart(df: pd.DataFrame) -> alt.FacetChart:
+def capacity_chart(df: pd.DataFrame) -> "alt.FacetChart":
     """Drop rate, token drop rate and layer tokens/s against the capacity factor (altair), one
     column per E, a line per (source, k)."""
+    import altair as alt  # imported on use: GPU hosts run the benches without the plotting stack
+
     order = sorted(df["cf_label"].unique(), key=lambda s: math.inf if s == "dropless" else float(s))
     long = df.assign(series=df["source"] + " k=" + df["top_k"].astype(str)).melt(
         id_vars=["series", "num_experts", "cf_label"], value_vars=["drop_rate", "token_drop_rate", "layer_tokens_per_s"],
