@@ -88,7 +88,7 @@ def table(df: pd.DataFrame, section: str) -> str:
     return df[[c for c in TABLES[section] if c in df]].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def capacity_chart(df: pd.DataFrame) -> "alt.FacetChart":
+def capacity_chart(df: pd.DataFrame):
     """Drop rate, token drop rate and layer tokens/s against the capacity factor (altair), one
     column per E, a line per (source, k)."""
     import altair as alt  # imported on use: GPU hosts run the benches without the plotting stack
