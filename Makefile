@@ -26,8 +26,9 @@ smoke: install
 	$(BIN)/python -m moe_core.sweep params/smoke.yaml
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb
 
-# Unit tests, then every notebook under nbval.
+# Lint (ruff), then the unit tests and every notebook under nbval.
 test: install
+	$(BIN)/ruff check moe_core tests
 	$(BIN)/python -m pytest -q tests --nbval notebooks; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi; exit $$rc
 

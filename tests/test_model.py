@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moe_core import MoEConfig, ModelConfig, TinyMoEModel
+from moe_core import ModelConfig, MoEConfig, TinyMoEModel
 from moe_core.dispatch import Experts
 from moe_core.flops import train_flops_per_token
 

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from moe_core.analysis import latex, load, results, stats, tables
-from moe_core.train import loop as train_mod  # the loop looks training_loss up there
 from moe_core.flops import train_flops_per_token
 from moe_core.train import TrainConfig, train
+from moe_core.train import loop as train_mod  # the loop looks training_loss up there
 
 TINY = dict(dim=32, layers=2, heads=2, hidden=32, num_experts=4, seq_len=32, batch_size=8, eval_windows=8,
             steps=6, warmup=2, eval_interval=3, log_interval=3, progress=False)
