@@ -65,6 +65,8 @@ endif
 BENCH_DIR ?= runs/benchmarks/h100_20261126
 # Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
 CAPACITY_DIR ?= runs/benchmarks/h100_20261126_91bb604_x3
+# Expert-parallel bench records: one directory per GPU host and world size, comma-separated.
+EP_DIRS ?= runs/benchmarks/h200x2_20261128_3135d0a
 PAPER_DIRS := -p experiment $(EXPERIMENT) -p figures_dir $(FIGURES_DIR) -p tables_dir $(TABLES_DIR)
 paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/$(EXPERIMENT)/analysis_a.ipynb \
@@ -73,6 +75,9 @@ paper-inputs: install
 		$(PAPER_DIRS) -p bench_dir $(CAPACITY_DIR) -p numbers_path $(NUMBERS_DIR)/numbers_b.tex
 	$(BIN)/python -m moe_core.analysis.paper --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR) \
 		--out-dir $(NUMBERS_DIR)
+	$(BIN)/python -m papermill --no-progress-bar notebooks/expert_parallel.ipynb executed/$(EXPERIMENT)/expert_parallel.ipynb \
+		-y '{bench_dirs: [$(EP_DIRS)]}' -p figures_dir $(FIGURES_DIR) -p tables_dir $(TABLES_DIR) \
+		-p numbers_path $(NUMBERS_DIR)/numbers_ep.tex
 
 paper-clean:
 	cd paper && $(LATEXMK) -C main.tex slides.tex
