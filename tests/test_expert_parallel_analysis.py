@@ -63,7 +63,8 @@ def test_table_and_macros_state_the_records(written):
     for row in rows:
         rec = cells_by_key[tuple(row[:4])]
         assert row[5] == latex.format_number(rec["a2a_bytes"] / 1e6)
-        assert row[6] == f"{latex.format_number(rec['fwd_a2a_ms'])} ({latex.format_number(100 * rec['fwd_a2a_ms_cv'], 2)})"
+        cv = latex.format_number(100 * rec["fwd_a2a_ms_cv"], 2)
+        assert row[6] == f"{latex.format_number(rec['fwd_a2a_ms'])} ({cv})"
         assert row[7] == latex.format_number(100 * rec["fwd_a2a_share"])
         assert row[10:] == [latex.format_number(rec[k]) for k in ("a2a_busbw_gbps", "ref_busbw_gbps", "a2a_over_ref")]
     macros = (out / "paper" / "numbers_ep.tex").read_text()
@@ -97,7 +98,7 @@ def test_repeated_runs_average_and_world_sizes_stay_apart(tmp_path):
     numbers = ep.ep_numbers(cells, ep.run_records([H200, again, four]))
     latex.latex_macros(numbers)  # raises if two keys make one macro name
     assert numbers["ep w4 gpus"] == 4 and numbers["ep w2 date"] == "2026-11-28, 2026-11-29"
-    assert "--nproc-per-node 4" in numbers["ep w4 command"]
+    assert "-{}-nproc-per-node 4" in numbers["ep w4 command"]
     panels = {v["panel"] for v in next(iter(ep.ep_chart(cells).to_dict()["datasets"].values()))}
     assert panels == {"E = 8, 2 GPUs", "E = 64, 2 GPUs", "E = 8, 4 GPUs", "E = 64, 4 GPUs"}
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from .. import records as rr
 from ..config import require
-from .latex import format_number, tex_escape, to_csv, write_numbers, write_table
+from .latex import TeX, format_number, tex_escape, to_csv, write_numbers, write_table
 from .load import cf_order_value, load_bench
 from .plots import SMALL_HEIGHT, SMALL_WIDTH, _cf_domain, _source_color
 from .tables import PAPER_INPUTS, ROOT
@@ -202,10 +202,32 @@ def _ranges(frame: pd.DataFrame, prefix: str, names: Iterable[str]) -> dict:
     return numbers
 
 
+def _verbatim(text: str) -> TeX:
+    """Escaped, with ``--`` kept as two hyphens (T1 fonts make it an en dash, also in \\texttt)."""
+    return TeX(tex_escape(text).replace("--", "-{}-"))
+
+
+def _shorter_than_base(group: pd.DataFrame, prefix: str) -> dict:
+    """Per capacity setting: in how many (source, E, k) of ``<prefix> groups`` its exchanges took less
+    time than at the smallest capacity factor (``<prefix> base cf``), forward and forward+backward."""
+    times = group.pivot_table(index=["source", "num_experts", "top_k"], columns="cf_label",
+                              values=["fwd_a2a_ms", "fwd_bwd_a2a_ms"])
+    finite = [cf for cf in _cf_domain(group["cf_label"]) if cf != "dropless"]
+    if not finite:
+        return {}
+    base, numbers = finite[0], {f"{prefix} groups": len(times), f"{prefix} base cf": finite[0]}
+    for cf in _cf_domain(group["cf_label"]):
+        if cf != base:
+            for mode, col in (("fwd", "fwd_a2a_ms"), ("fwd bwd", "fwd_bwd_a2a_ms")):
+                numbers[f"{prefix} cf {cf} a2a shorter {mode}"] = int((times[col][cf] < times[col][base]).sum())
+    return numbers
+
+
 def ep_numbers(cells: pd.DataFrame, runs: pd.DataFrame) -> dict:
     """Macros per world size W (prefix ``Ep W<W>``, e.g. \\EpWTwoDevice): the run's identity (device,
     GPUs, date, directory, commit, torch, command, trained source), the setup and grid; min/median/max
-    over cells; per CF and per CF x k the same over sources and E; and per cell
+    over cells; per CF and per CF x k the same over sources and E; per CF, in how many (source, E, k)
+    its exchanges were shorter than at the smallest CF; and per cell
     ``<source> E<E> K<k> Cf<cf>`` followed by a CELL_NUMBERS name, e.g.
     \\EpWTwoRandomEEightKTwoCfOnePtZeroFwdSharePct."""
     numbers = {}
@@ -219,7 +241,7 @@ def ep_numbers(cells: pd.DataFrame, runs: pd.DataFrame) -> dict:
                     f"{w} dir": ", ".join(sorted({d for dirs in group["bench_dir"] for d in dirs.split(", ")})),
                     f"{w} commit": ", ".join(sorted({c for c in mine["commit"] if c})) or "n/a",
                     f"{w} torch": ", ".join(sorted({t for t in mine["torch"] if t})) or "n/a",
-                    f"{w} command": mine["command"].iloc[-1] if len(mine) else "n/a",
+                    f"{w} command": _verbatim(mine["command"].iloc[-1]) if len(mine) else "n/a",
                     f"{w} runs": int(group["n_runs"].max()), f"{w} cells": len(group),
                     f"{w} sources": ", ".join(group["source"].unique()),
                     f"{w} experts": ", ".join(str(int(e)) for e in sorted(group["num_experts"].unique())),
@@ -235,6 +257,7 @@ def ep_numbers(cells: pd.DataFrame, runs: pd.DataFrame) -> dict:
             numbers |= _ranges(per_cf, f"{w} cf {cf}", ("fwd share pct", "fwd bwd share pct", "busbw", "over ref"))
             for k, per_k in per_cf.groupby("top_k"):
                 numbers |= _ranges(per_k, f"{w} cf {cf} k{int(k)}", ("fwd share pct", "busbw", "over ref"))
+        numbers |= _shorter_than_base(group, w)
         for row in group.to_dict("records"):
             key = f"{w} {row['source']} e{int(row['num_experts'])} k{int(row['top_k'])} cf {row['cf_label']}"
             numbers |= {f"{key} {name}": row[col] * scale for name, (col, scale) in CELL_NUMBERS.items()}
@@ -248,8 +271,9 @@ def write_ep(cells: pd.DataFrame, runs: pd.DataFrame, tables_dir: str | Path,
     tables_dir = Path(tables_dir)
     tex = write_table(ep_table(cells), tables_dir / f"{SECTION}.tex", caption=caption(cells, runs),
                       label=f"tab:{SECTION}")
-    # 40+ rows of 13 columns: footnotesize and narrow gaps inside the float (a size set outside it is reset)
-    tex.write_text(tex.read_text().replace("\\centering\n", "\\centering\n\\footnotesize\\setlength{\\tabcolsep}{3pt}\n", 1))
+    # 40+ rows of 13 columns: footnotesize and narrow gaps, set inside the float (LaTeX resets its font size)
+    small = "\\centering\n\\footnotesize\\setlength{\\tabcolsep}{2.5pt}\n"
+    tex.write_text(tex.read_text().replace("\\centering\n", small, 1))
     numbers = ep_numbers(cells, runs)
     return [tex, to_csv(cells, tables_dir / f"{SECTION}.csv"), write_numbers(numbers, numbers_path)], numbers
 
@@ -284,5 +308,6 @@ def ep_chart(cells: pd.DataFrame) -> alt.VConcatChart:
     busbw = alt.Y("a2a_busbw_gbps:Q", title="bus bandwidth (GB/s)", scale=alt.Scale(zero=True))
     devices = ", ".join(f"{int(w)}× {d}" for w, d in cells[["world_size", "device_name"]].drop_duplicates()
                         .itertuples(index=False))
-    return alt.vconcat(row(share, True), row(busbw, False, bare="ref_busbw_gbps")).properties(title=alt.Title(
-        "Capacity factor vs. all-to-all", subtitle=f"{devices}, NCCL; median over calls; grey: a bare all-to-all of the same bytes"))
+    subtitle = f"{devices}, NCCL; median over calls; grey: a bare all-to-all of the same bytes"
+    return alt.vconcat(row(share, True), row(busbw, False, bare="ref_busbw_gbps")).properties(
+        title=alt.Title("Capacity factor vs. all-to-all", subtitle=subtitle))
