@@ -7,5 +7,6 @@ number macros, every number computed from the records under runs/ and none typed
 - tables: the Experiment A/B tables and number macros with their captions, and their writers
 - plots: the figures (altair, rendered offline to PNG, SVG and PDF)
 - paper: ``python -m moe_core.analysis.paper``, the bench and setup macros not made by the notebooks
+- expert_parallel: the expert-parallel bench records -> the all-to-all table, figure and macros
 - results: every public name of load, stats, latex and tables in one namespace
 """
