@@ -173,6 +173,10 @@ class TokenData:
                                 for s, (_, m) in splits.items()},
                      "cache_key": digest(train_meta["key"])}
 
+    def train_token_counts(self) -> np.ndarray:
+        """[V] count of each token id in the train split (what a frequency-balanced hash table balances)."""
+        return np.bincount(np.asarray(self.train_T), minlength=self.vocab_size)
+
     def train_batch(self, step: int, batch_size: int, seed: int, rank: int = 0,
                     world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank `rank`'s rows of the world_size*batch_size random windows drawn for (seed, step)."""
