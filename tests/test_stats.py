@@ -56,9 +56,9 @@ def write_run(root, prefix: str, steps: int, seed: int) -> None:
     (run / "config.json").write_text(json.dumps({"config": config, "run": run.name, "seed": seed,
                                                  "model": {"train_flops_per_token": flops}}))
     shared = {"concurrency": 2} if prefix.startswith("hash") and steps == BUDGET_STEPS[1] else {}
-    (run / "summary.json").write_text(json.dumps({"status": "ok", "steps_done": steps, "best_val_loss": best["val_loss"],
-                                                  "best_val_step": best["step"], "median_tokens_per_s": tok_s * (1 + 0.01 * seed),
-                                                  "train_flops_per_token": flops, **shared}))
+    (run / "summary.json").write_text(json.dumps({
+        "status": "ok", "steps_done": steps, "best_val_loss": best["val_loss"], "best_val_step": best["step"],
+        "median_tokens_per_s": tok_s * (1 + 0.01 * seed), "train_flops_per_token": flops, **shared}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -146,7 +146,8 @@ def test_ranking_is_paired_per_budget_with_every_pair_at_each_shared_cf(records)
                for s in SEEDS]  # their best is their last evaluation at this budget
     assert ec["verdict"] == "holds" and ec["difference"] == pytest.approx(np.mean(by_hand))
     # the seed effect spreads each config's perplexity far wider than the difference: only pairing resolves it
-    spread = stats.summarize(records.runs.query("name == 'softk cf1.0' and budget_tokens == @BUDGETS[0]")["best_val_ppl"])
+    softk = records.runs.query("name == 'softk cf1.0' and budget_tokens == @BUDGETS[0]")
+    spread = stats.summarize(softk["best_val_ppl"])
     assert spread["ci95"] > 3 * abs(ec["difference"])
     assert row.loc[(BUDGETS[0], "1.25", "softk", "hash"), "verdict"] == "reversed"
     assert row.loc[(BUDGETS[0], "1.25", "softk", "hash"), "lower"] == "hash cf1.25"
@@ -208,6 +209,8 @@ def test_throughput_solo_bench_or_runs_marked_when_shared(records):
     assert math.isnan(solo.loc[("hash cf1.0", BUDGETS[0]), "tokens_per_s_ci95"])  # one repeat: no interval
     untimed = solo.loc[("dense", BUDGETS[0])]  # never filled in from the shared runs
     assert math.isnan(untimed["tokens_per_s"]) and not untimed["tokens_per_s_comparable"]
+    by_name = frontier.throughput(records.runs, bench.assign(name=["softk cf1.0", "dense"])).set_index(stats.CELL)
+    assert by_name.loc[("dense", BUDGETS[1]), "tokens_per_s"] == 3.6e6  # a bench that names its configs
     with pytest.raises(ValueError, match="^bench: two timing rows for one configuration"):
         frontier.throughput(records.runs, pd.concat([bench, bench]))
     with pytest.raises(ValueError, match="^bench: a solo timing frame needs"):
@@ -225,6 +228,10 @@ def test_pareto_probability_by_bootstrap_over_seeds():
     assert front.loc["fast", "pareto_prob"] == 1.0 and front.loc["dominated", "pareto_prob"] == 0.0
     assert front.loc["good", "pareto"] and not front.loc["close", "pareto"]
     assert 0 < front.loc["close", "pareto_prob"] < front.loc["good", "pareto_prob"] <= 1.0
+    shared = frontier.throughput(runs.assign(concurrency=[2 if n == "fast" else 1 for n in runs["name"]]))
+    front = frontier.pareto_probability(runs, shared, resamples=200).set_index("name")
+    assert math.isnan(front.loc["fast", "pareto_prob"]) and not front.loc["fast", "pareto"]  # not comparable: out
+    assert front.loc["good", "pareto_prob"] == 1.0  # nothing comparable is faster and better
 
 
 # -- tables, macros, markdown --------------------------------------------------------------------------
@@ -240,8 +247,8 @@ def test_experiment_a_outputs_per_budget(tmp_path, records):
     assert numbers["softk cf1.0 ppl"] == late != numbers["steps 8 softk cf1.0 ppl"]  # headline: the largest budget
     assert numbers["steps 8 PriorClaimVerdict"] == "is contradicted"  # hash beats softk at CF 1.25
     macros = (tmp_path / "numbers_a.tex").read_text()
-    assert f"\\newcommand{{\\StepsEightSoftkCfOnePtZeroPpl}}{{{latex.format_number(numbers['steps 8 softk cf1.0 ppl'])}}}" \
-        in macros
+    value = latex.format_number(numbers["steps 8 softk cf1.0 ppl"])
+    assert f"\\newcommand{{\\StepsEightSoftkCfOnePtZeroPpl}}{{{value}}}" in macros
     text = (tmp_path / "tables" / "exp_results.md").read_text()
     assert text == markdown.results_markdown(records.runs, records.evals)
     assert "### 256 tokens (8 steps)" in text and "### 512 tokens (16 steps)" in text

@@ -144,7 +144,7 @@ def throughput(runs: pd.DataFrame, bench: pd.DataFrame | None = None) -> pd.Data
     frame = frame.assign(tokens_per_s_ci95=[
         t_quantile(0.975, n - 1) * cv * tok / math.sqrt(n) if n > 1 else math.nan
         for tok, cv, n in zip(frame["tokens_per_s"], frame["tokens_per_s_cv"], repeats.fillna(0))])
-    matched = ok.drop_duplicates(CELL)[[*CELL, *keys]].astype({k: object for k in keys}).merge(
+    matched = ok.drop_duplicates(CELL)[list(dict.fromkeys([*CELL, *keys]))].astype({k: object for k in keys}).merge(
         frame[[*keys, "tokens_per_s", "tokens_per_s_ci95"]].astype({k: object for k in keys}), on=keys, how="left")
     timed = matched["tokens_per_s"].notna()
     return matched[CELL].assign(tokens_per_s=matched["tokens_per_s"], tokens_per_s_ci95=matched["tokens_per_s_ci95"],
@@ -168,24 +168,27 @@ def pareto_probability(runs: pd.DataFrame, speed: pd.DataFrame, metric: str = "b
     """Per config and budget: ``pareto`` (on the front of its budget by the seed means: max tokens/s
     of ``speed`` (throughput), min ``metric``) and ``pareto_prob``, the share of bootstrap resamples
     in which it is on the front: each config's seeds resampled with replacement, its tokens/s
-    resampled with them when it comes from the runs, fixed when it comes from a solo bench."""
+    resampled with them when it comes from the runs, fixed when it comes from a solo bench. A config
+    whose tokens/s is not comparable takes no part: never on the front, probability NaN."""
     ok = runs[runs["status"] == "ok"]
     cells = speed.dropna(subset=CELL).reset_index(drop=True)
+    usable = cells["tokens_per_s_comparable"].to_numpy(bool)
     rng = np.random.default_rng(seed)
     draws = np.full((resamples, len(cells), 2), math.nan)
     means = np.full((len(cells), 2), math.nan)
-    per_run = cells["tokens_per_s_source"].str.startswith("runs")
     for i, cell in enumerate(cells.itertuples(index=False)):
         group = ok[(ok["name"] == cell.name) & (ok["budget_tokens"] == cell.budget_tokens)]
+        if not (len(group) and usable[i]):
+            continue
         quality = group[metric].to_numpy(float)
-        speed_i = group["median_tokens_per_s"].to_numpy(float) if per_run[i] else np.full(len(group), cell.tokens_per_s)
-        if len(group):
-            idx = rng.integers(0, len(group), size=(resamples, len(group)))
-            draws[:, i] = np.stack([speed_i[idx].mean(axis=1), quality[idx].mean(axis=1)], axis=-1)
-            means[i] = speed_i.mean(), quality.mean()
+        per_run = cell.tokens_per_s_source.startswith("runs")
+        speed_i = group["median_tokens_per_s"].to_numpy(float) if per_run else np.full(len(group), cell.tokens_per_s)
+        idx = rng.integers(0, len(group), size=(resamples, len(group)))
+        draws[:, i] = np.stack([speed_i[idx].mean(axis=1), quality[idx].mean(axis=1)], axis=-1)
+        means[i] = speed_i.mean(), quality.mean()
     budgets = cells["budget_tokens"].to_numpy()
     return cells[CELL].assign(pareto=front_mask(means[None], budgets)[0],
-                              pareto_prob=front_mask(draws, budgets).mean(axis=0))
+                              pareto_prob=np.where(usable, front_mask(draws, budgets).mean(axis=0), math.nan))
 
 
 def budget_table(runs: pd.DataFrame, evals: pd.DataFrame | None = None, bench: pd.DataFrame | None = None,

@@ -81,8 +81,9 @@ def load_experiment(runs_dir: str | Path, experiment: str) -> Records:
         empty = pd.DataFrame(columns=["run", "status", "error", *DESCRIPTORS])
         return Records(empty, empty.copy())
     runs = _name_configs(pd.DataFrame([run for run, _ in read]))
-    names = dict(zip(runs["run"], runs["name"]))
-    evals = pd.DataFrame([{**row, "name": names[row["run"]]} for _, rows in read for row in rows])
+    names = dict(zip(runs["run"], zip(runs["name"], runs["variant"])))
+    evals = pd.DataFrame([{**row, "name": names[row["run"]][0], "variant": names[row["run"]][1]}
+                          for _, rows in read for row in rows])
     return Records(sort_rows(runs), sort_rows(evals))
 
 

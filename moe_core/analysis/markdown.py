@@ -11,7 +11,6 @@ import pandas as pd
 from .frontier import Analysis, analyse
 from .stats import ALPHA
 
-
 SCALES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
 
 

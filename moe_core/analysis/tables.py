@@ -1,6 +1,8 @@
-"""Statistics -> the paper's tables and number macros: Experiment A (routers x capacity factor, and
-the check of the prior ranking) and Experiment B (the capacity bench), each with its caption, and
-the writers the analysis notebooks call, so the notebooks hold no LaTeX.
+"""Statistics -> the paper's tables and number macros: Experiment A (routers x capacity factor per
+token budget; the paired, Holm-corrected check of the prior ranking, the variants and the iso-FLOP
+comparisons) and Experiment B (the capacity bench), each with its caption, and the writers the
+analysis notebooks call, so the notebooks hold no LaTeX. write_experiment_a also writes the
+README's results section (markdown.results_markdown).
 
 The committed paper inputs (figures/, paper/tables/, paper/numbers_*.tex) come from Experiment A
 alone: check_destinations refuses any other experiment (the smoke study) there, so a draft run
@@ -86,7 +88,8 @@ def experiment_a_table(table: pd.DataFrame, target: float = math.nan) -> pd.Data
     (planned tokens) at the end when there are several budgets."""
     rows = table.to_dict("records")
     cells = {
-        "Router": [tex_escape(r["label"]) + (f" ({tex_escape(r['variant'])})" if r.get("variant") else "") for r in rows],
+        "Router": [tex_escape(r["label"]) + (f" ({tex_escape(r['variant'])})" if r.get("variant") else "")
+                   for r in rows],
         "$k$": [format_number(int(r["top_k"])) for r in rows],
         "CF": [tex_escape(r["cf_label"]) if isinstance(r["cf_label"], str) else "--" for r in rows],
         "Seeds": [format_number(int(r["n_runs"])) for r in rows],
@@ -113,8 +116,8 @@ def experiment_a_caption(table: pd.DataFrame) -> str:
     sources = set(table["tokens_per_s_source"].dropna())
     speed = ("Tokens/s from a solo timing pass (one run on the GPU; CI over its repeats)" if "solo bench" in sources
              else "Tokens/s: mean over seeds of each run's median")
-    shared = "; $^\\ast$: measured while runs shared the GPU, not comparable" if not table["tokens_per_s_comparable"].all() \
-        else ""
+    shared = "" if table["tokens_per_s_comparable"].all() else \
+        "; $^\\ast$: measured while runs shared the GPU, not comparable"
     budget = "; Budget: planned training tokens" if _several_budgets(table) else ""
     return f"{EXPERIMENT_A_CAPTION} {speed}{shared}{budget}."
 
@@ -152,8 +155,9 @@ def _config_numbers(table: pd.DataFrame) -> dict:
     for r in table.to_dict("records"):
         n = r["name"]
         numbers |= {f"{n} ppl": r["best_val_ppl_mean"], f"{n} ppl ci": r["best_val_ppl_ci95"],
-                    f"{n} seeds": r["n_runs"], f"{n} tok s": r["tokens_per_s"], f"{n} best step": r["best_val_step_median"],
-                    f"{n} final loss": r["final_val_loss_mean"], f"{n} pareto prob": r["pareto_prob"]}
+                    f"{n} seeds": r["n_runs"], f"{n} tok s": r["tokens_per_s"],
+                    f"{n} best step": r["best_val_step_median"], f"{n} final loss": r["final_val_loss_mean"],
+                    f"{n} pareto prob": r["pareto_prob"]}
         if math.isfinite(r["best_val_ppl_noncausal_mean"]):
             numbers[f"{n} ppl noncausal"] = r["best_val_ppl_noncausal_mean"]
         if math.isfinite(r["final_drop_rate_mean"]):
@@ -170,8 +174,9 @@ def experiment_a_numbers(runs: pd.DataFrame, analysis: Analysis) -> dict:
     table = analysis.table
     ok = runs[runs["status"] == "ok"]
     numbers = {"NumRuns": len(runs), "NumOkRuns": len(ok), "NumFailedRuns": int((runs["status"] == "failed").sum()),
-               "NumDivergedRuns": int((runs["status"] == "diverged").sum()), "NumConfigs": int(table["name"].nunique()),
-               "NumBudgets": int(table["budget_tokens"].nunique()), "Alpha": f"{ALPHA:g}"}
+               "NumDivergedRuns": int((runs["status"] == "diverged").sum()),
+               "NumConfigs": int(table["name"].nunique()), "NumBudgets": int(table["budget_tokens"].nunique()),
+               "Alpha": f"{ALPHA:g}"}
     if not ok.empty:
         numbers |= {"MaxSeeds": int(table["n_runs"].max()), "TrainTokens": int(ok["tokens"].max()),
                     "TrainSteps": int(ok["steps_done"].max()),
@@ -215,7 +220,8 @@ def comparison_table(check: pd.DataFrame) -> pd.DataFrame:
     budgets = pd.concat([check["a_budget_tokens"], check["b_budget_tokens"]]).nunique() > 1
 
     def side(names, budget_col):
-        return [tex_escape(n) + (f" @ {c}" if budgets else "") for n, c in zip(names, _budget_cells(check[budget_col]))]
+        return [tex_escape(n) + (f" @ {c}" if budgets else "")
+                for n, c in zip(names, _budget_cells(check[budget_col]))]
     cells = {"FLOPs": check["iso_flops"].map(lambda f: format_number(f, 2)) if "iso_flops" in check else None,
              "First": side(check["a"], "a_budget_tokens"), "Second": side(check["b"], "b_budget_tokens"),
              **_comparison_cells(check), "Lower": check["lower"].map(lambda n: tex_escape(n) if n else "unresolved")}
@@ -272,13 +278,15 @@ def write_experiment_a(runs: pd.DataFrame, evals: pd.DataFrame | None, experimen
     analysis = analyse(runs, evals, bench)
     paths = [write_table(experiment_a_table(analysis.table, analysis.target), tables_dir / f"{experiment}.tex",
                          caption=experiment_a_caption(analysis.table), label=f"tab:{experiment}"),
-             to_csv(analysis.table, tables_dir / f"{experiment}.csv"), to_csv(runs, tables_dir / f"{experiment}_runs.csv")]
+             to_csv(analysis.table, tables_dir / f"{experiment}.csv"),
+             to_csv(runs, tables_dir / f"{experiment}_runs.csv")]
     for part, frame, make, caption in (("ranking", analysis.ranking, ranking_table, RANKING_CAPTION),
                                        ("variants", analysis.variants, comparison_table, VARIANTS_CAPTION),
                                        ("isoflop", analysis.iso, comparison_table, ISO_FLOP_CAPTION)):
         if not frame.empty:
             paths += [write_table(make(frame), tables_dir / f"{experiment}_{part}.tex", caption=caption,
-                                  label=f"tab:{experiment}_{part}"), to_csv(frame, tables_dir / f"{experiment}_{part}.csv")]
+                                  label=f"tab:{experiment}_{part}"),
+                      to_csv(frame, tables_dir / f"{experiment}_{part}.csv")]
     markdown = tables_dir / f"{experiment}_results.md"
     markdown.write_text(results_markdown(runs, analysis=analysis))
     numbers = experiment_a_numbers(runs, analysis)
