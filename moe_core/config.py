@@ -13,7 +13,9 @@ ROUTERS = ("top1", "topk_hard", "softk", "hash", "expert_choice")
 BACKENDS = ("loop", "einsum", "padded", "grouped")
 ACTIVATIONS = ("gelu", "swiglu")
 DROP_POLICIES = ("order", "score")
-EC_EVAL_MODES = ("causal", "noncausal")
+EC_EVAL_MODES = ("causal", "noncausal", "prefix")
+EC_GROUPS = ("batch", "sequence")
+HASH_BALANCES = ("ids", "frequency")
 
 
 def canonical_router(name: str) -> str:
@@ -75,8 +77,10 @@ class MoEConfig:
     aux_free_bias: bool = False  # DeepSeek-V3 bias balancing (selection only)
     bias_update_rate: float = 1e-3
     hash_vocab_size: int | None = None  # required by the hash router (set by TinyMoEModel)
-    hash_seed: int = 0
-    ec_eval: str = "causal"  # how expert_choice routes in eval mode
+    hash_seed: int | None = None  # None: the run's seed (TrainConfig resolves it); 0 for a model built alone
+    hash_balance: str = "ids"  # hash: the table balances token ids, or the training split's token "frequency"
+    ec_group: str = "batch"  # expert_choice: routing group = the whole micro-batch, or each "sequence"
+    ec_eval: str = "causal"  # how expert_choice routes in eval mode (routing.Router)
     router_init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -102,6 +106,12 @@ class MoEConfig:
                f"unknown {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
         require(self.ec_eval in EC_EVAL_MODES, "ec_eval",
                f"unknown {self.ec_eval!r}; valid: {', '.join(EC_EVAL_MODES)}")
+        require(self.ec_group in EC_GROUPS, "ec_group", f"unknown {self.ec_group!r}; valid: {', '.join(EC_GROUPS)}")
+        require(self.hash_balance in HASH_BALANCES, "hash_balance",
+                f"unknown {self.hash_balance!r}; valid: {', '.join(HASH_BALANCES)}")
+        require(self.hash_seed is None or (isinstance(self.hash_seed, int) and not isinstance(self.hash_seed, bool)
+                                           and self.hash_seed >= 0), "hash_seed",
+                f"must be None (the run's seed) or an integer >= 0, got {self.hash_seed!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_init_std"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and value >= 0, name, f"must be >= 0, got {value!r}")

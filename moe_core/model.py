@@ -4,14 +4,17 @@ Legend: B batch, S sequence length, D model dim, H heads, V vocabulary, F expert
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, MoEConfig
+from .config import EC_EVAL_MODES, ModelConfig, MoEConfig
 from .moe import MoEFeedForward, MoEStats
+from .routing import table_seed, token_expert_counts
 
 
 class DenseFeedForward(torch.nn.Module):
@@ -47,14 +50,14 @@ class CausalSelfAttention(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, token_counts=None):
         super().__init__()
         self.ln1 = torch.nn.LayerNorm(cfg.dim, bias=False)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = torch.nn.LayerNorm(cfg.dim, bias=False)
         moe = cfg.moe
         if cfg.is_moe_layer(layer):
-            self.ffn = MoEFeedForward(_layer_moe_config(moe, layer))
+            self.ffn = MoEFeedForward(_layer_moe_config(moe, layer), token_counts)
         else:
             self.ffn = DenseFeedForward(cfg.dim, moe.top_k * moe.hidden, moe.activation)
         self.drop = torch.nn.Dropout(cfg.dropout)
@@ -71,7 +74,7 @@ class Block(torch.nn.Module):
 
 def _layer_moe_config(moe: MoEConfig, layer: int) -> MoEConfig:
     """Each layer's hash router gets its own seeded table, so layers do not share one partition."""
-    return replace(moe, hash_seed=moe.hash_seed + layer) if moe.router == "hash" else moe
+    return replace(moe, hash_seed=table_seed(moe) + layer) if moe.router == "hash" else moe
 
 
 @dataclass
@@ -85,15 +88,17 @@ class ModelOutput:
 
 class TinyMoEModel(torch.nn.Module):
     """Token + learned position embeddings, pre-norm blocks (causal SDPA attention, MoE or dense FFN),
-    final norm, weight-tied LM head. Training loss = out.loss + out.aux_loss + out.z_loss."""
+    final norm, weight-tied LM head. Training loss = out.loss + out.aux_loss + out.z_loss.
+    ``token_counts`` [V]: the training split's count of each token id, which a frequency-balanced hash
+    table (``hash_balance="frequency"``) is built from; other configs ignore it."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, token_counts=None):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = torch.nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = torch.nn.Embedding(cfg.seq_len, cfg.dim)
         self.drop = torch.nn.Dropout(cfg.dropout)
-        self.blocks = torch.nn.ModuleList(Block(cfg, i) for i in range(cfg.layers))
+        self.blocks = torch.nn.ModuleList(Block(cfg, i, token_counts) for i in range(cfg.layers))
         self.ln_f = torch.nn.LayerNorm(cfg.dim, bias=False)
         self.lm_head = torch.nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
@@ -107,11 +112,32 @@ class TinyMoEModel(torch.nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
 
     def set_expert_choice_eval(self, mode: str) -> None:
-        """How expert_choice layers route in eval mode: "causal" (token-choice top-k) or "noncausal"."""
-        if mode not in ("causal", "noncausal"):
-            raise ValueError(f"mode: unknown {mode!r}; valid: causal, noncausal")
+        """How expert_choice layers route in eval mode: "causal" (token-choice top-k), "noncausal"
+        (the training rule) or "prefix" (the training rule over causal prefix groups)."""
+        if mode not in EC_EVAL_MODES:
+            raise ValueError(f"mode: unknown {mode!r}; valid: {', '.join(EC_EVAL_MODES)}")
         for layer in self.moe_layers():
             layer.router.ec_eval = mode
+
+    @contextlib.contextmanager
+    def counting_assignments(self) -> Iterator[torch.Tensor]:
+        """Inside the block, every forward adds each MoE layer's (token id, chosen expert) pairs
+        (routing.token_expert_counts) to the yielded counts_LVE [L, V, E], float64 on the model's device."""
+        layers = self.moe_layers()
+        counts_LVE = torch.zeros(len(layers), self.cfg.vocab_size, self.cfg.moe.num_experts, dtype=torch.float64,
+                                 device=self.tok_emb.weight.device)
+
+        def adder(i: int):
+            def add(router, args, out) -> None:  # args: (x_TD, token_ids_T, seq_len)
+                counts_LVE[i] += token_expert_counts(out[0], args[1], self.cfg.vocab_size)
+            return add
+
+        hooks = [layer.router.register_forward_hook(adder(i)) for i, layer in enumerate(layers)]
+        try:
+            yield counts_LVE
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
         B, S = idx_BS.shape

@@ -138,7 +138,8 @@ class ExpertParallelMoE(torch.nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         require(x.shape[-1] == self.cfg.dim, "x", f"last dim {x.shape[-1]} differs from MoEConfig.dim={self.cfg.dim}")
         x_TD = x.reshape(-1, self.cfg.dim)
-        routing, logits_TE, probs_TE = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1))
+        seq_len = x.shape[-2] if x.dim() > 2 else x_TD.shape[0]  # as MoEFeedForward: expert choice's groups
+        routing, logits_TE, probs_TE = self.router(x_TD, None if token_ids is None else token_ids.reshape(-1), seq_len)
         run = run_padded if routing.capacity is not None else run_grouped
         y_TD = run(x_TD, routing, self.experts)
         aux, z = balance_losses(routing, logits_TE, probs_TE, self.cfg)

@@ -1,7 +1,8 @@
 """Routers, capacity and routing metrics: the decisions every dispatch backend then executes.
 
 Legend: T tokens in the routing group, D model dim, E experts, K top-k, C capacity per expert,
-A assignments (T*K for token choice, E*C for expert choice), V vocabulary.
+A assignments (T*K for token choice, E*C for expert choice), V vocabulary, G expert-choice groups,
+S tokens per sequence (an expert-choice group of ``ec_group="sequence"``, a prefix's sequence).
 
 A router turns float32 logits into a :class:`Routing`: a flat list of (token, expert, weight)
 assignments, with the capacity decision (``keep_A``) and each kept assignment's slot in its
@@ -78,21 +79,30 @@ def assign_slots(expert_A: torch.Tensor, priority_A: torch.Tensor | None, num_ex
 
 
 @lru_cache(maxsize=32)
-def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> np.ndarray:
-    """[V, K] experts per token id: k distinct experts each, per-expert totals differ by at most one.
+def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int,
+               counts: tuple[int, ...] | None = None) -> np.ndarray:
+    """[V, K] experts per token id, k distinct each, balancing the expected load greedily.
 
-    Token ids are visited in a seeded random order and each takes the k least-loaded experts
-    (ties broken by a seeded random priority), so the table is balanced over the vocabulary and not
-    a function of id order.
+    Without ``counts`` every id weighs 1: ids are visited in a seeded random order and each takes
+    the k least-loaded experts, so per-expert totals differ by at most one (balanced over the
+    vocabulary, not over text, where token frequencies are skewed). With ``counts`` (the training
+    split's count of each id) the heaviest ids go first, each to the k experts of least expected
+    load (sum of the counts of their ids); ties by fewer ids, then a seeded random priority. A
+    token heavier than the mean load per expert (k * total / E) cannot be balanced by any table.
     """
     rng = np.random.default_rng(seed)
-    load_E = np.zeros(num_experts, dtype=np.int64)
+    weight_V = np.ones(vocab_size) if counts is None else np.asarray(counts, dtype=np.float64)
+    order_V = rng.permutation(vocab_size)
+    order_V = order_V[np.argsort(-weight_V[order_V], kind="stable")]  # heaviest first, seeded among equals
+    load_E = np.zeros(num_experts)
+    ids_E = np.zeros(num_experts, dtype=np.int64)
     table_VK = np.empty((vocab_size, top_k), dtype=np.int64)
-    for v in rng.permutation(vocab_size):
+    for v in order_V:
         tiebreak_E = rng.random(num_experts)
-        chosen = np.lexsort((tiebreak_E, load_E))[:top_k]
+        chosen = np.lexsort((tiebreak_E, ids_E, load_E))[:top_k]
         table_VK[v] = chosen
-        load_E[chosen] += 1
+        load_E[chosen] += weight_V[v]
+        ids_E[chosen] += 1
     return table_VK
 
 
@@ -105,25 +115,32 @@ class Router(torch.nn.Module):
     - ``topk_hard``: the k largest p; weight = 1/k + p_e - stopgrad(p_e) (exactly 1/k forward,
       straight-through gradient to the router).
     - ``softk`` (Mixtral): the k largest logits; weights = softmax over those k logits.
-    - ``hash`` (Roller et al.): experts = table[token_id], k distinct, balanced over the vocabulary;
-      weights 1/k; no trainable router.
-    - ``expert_choice`` (Zhou et al.): expert e takes its top-C tokens by p_e within the group; a
-      token may get 0..E experts; weight = p. Non-causal: in eval mode with ``ec_eval="causal"`` it
-      routes by token-choice top-k on the same p (weights p, dropless) instead.
+    - ``hash`` (Roller et al.): experts = table[token_id], k distinct, balanced over the vocabulary
+      (``hash_balance="ids"``) or over the training split's token counts (``"frequency"``, which
+      needs ``token_counts``); weights 1/k; no trainable router.
+    - ``expert_choice`` (Zhou et al.): expert e takes its top-C tokens by p_e within the group (the
+      micro-batch, or each sequence with ``ec_group="sequence"``); a token may get 0..E experts;
+      weight = p. Non-causal, so in eval mode ``ec_eval`` picks the rule: ``"causal"`` token-choice
+      top-k on the same p (weights p, dropless); ``"noncausal"`` the training rule; ``"prefix"``
+      the training rule over causal prefix groups: token t of a sequence is taken by expert e when
+      p_te ranks among the top C_t = min(t+1, ceil(cf*(t+1)*k/E)) of tokens 0..t of its sequence
+      (ties to the earlier token), so the rule stays expert choice but reads no future token.
 
     Token-choice selection uses p + bias when ``aux_free_bias`` (DeepSeek-V3): the bias changes which
     experts are chosen, never the weights, and is updated by u * sign(mean load - load).
     """
 
-    def __init__(self, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig, token_counts=None):
         super().__init__()
         self.cfg = cfg
         self.ec_eval = cfg.ec_eval
+        self.token_counts = None  # what a frequency-balanced hash table balances
         if cfg.router == "hash":
             self.weight_ED = None
             if cfg.hash_vocab_size is None:
                 raise ValueError("hash_vocab_size: the hash router needs the vocabulary size")
-            table = hash_table(cfg.hash_vocab_size, cfg.num_experts, cfg.top_k, cfg.hash_seed)
+            self.token_counts = table_counts(cfg, token_counts)
+            table = hash_table(cfg.hash_vocab_size, cfg.num_experts, cfg.top_k, table_seed(cfg), self.token_counts)
             self.register_buffer("hash_table_VK", torch.from_numpy(table), persistent=False)
         else:
             self.weight_ED = torch.nn.Parameter(torch.randn(cfg.num_experts, cfg.dim) * cfg.router_init_std)
@@ -133,9 +150,10 @@ class Router(torch.nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.weight_ED.float())
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> tuple[Routing, torch.Tensor | None,
-                                                                                     torch.Tensor | None]:
-        """Returns (routing, logits_TE or None, probs_TE or None)."""
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None, seq_len: int | None = None
+                ) -> tuple[Routing, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (routing, logits_TE or None, probs_TE or None). ``seq_len``: tokens per sequence
+        of x_TD (consecutive rows), which expert choice needs for sequence and prefix groups."""
         cfg = self.cfg
         if cfg.router == "hash":
             if token_ids_T is None:
@@ -145,17 +163,21 @@ class Router(torch.nn.Module):
             expert_TK = self.hash_table_VK[token_ids_T.reshape(-1)]
             weight_TK = torch.full(expert_TK.shape, 1.0 / cfg.top_k, device=x_TD.device)
             return self._token_choice(expert_TK, weight_TK, cfg.capacity_factor), None, None
-        return self.route(self.logits(x_TD))
+        return self.route(self.logits(x_TD), seq_len)
 
-    def route(self, logits_TE: torch.Tensor) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+    def route(self, logits_TE: torch.Tensor, seq_len: int | None = None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
         """Route given float32 router logits (every router but hash): (routing, logits_TE, probs_TE)."""
         cfg = self.cfg
         probs_TE = torch.softmax(logits_TE, dim=-1)
         if cfg.router == "expert_choice":
-            if self.training or self.ec_eval == "noncausal":
-                return self._expert_choice(probs_TE), logits_TE, probs_TE
-            top = torch.topk(probs_TE, cfg.top_k, dim=-1)
-            return self._token_choice(top.indices, top.values, None), logits_TE, probs_TE
+            mode = "noncausal" if self.training else self.ec_eval
+            if mode == "causal":
+                top = torch.topk(probs_TE, cfg.top_k, dim=-1)
+                return self._token_choice(top.indices, top.values, None), logits_TE, probs_TE
+            if mode == "prefix":
+                return self._prefix_expert_choice(probs_TE, _sequence_len(probs_TE, seq_len)), logits_TE, probs_TE
+            group = _sequence_len(probs_TE, seq_len) if cfg.ec_group == "sequence" else probs_TE.shape[0]
+            return self._expert_choice(probs_TE, group), logits_TE, probs_TE
         scores_TE = probs_TE + self.bias_E if cfg.aux_free_bias else probs_TE
         expert_TK = torch.topk(scores_TE, cfg.top_k, dim=-1).indices
         chosen_TK = probs_TE.gather(1, expert_TK)
@@ -190,24 +212,75 @@ class Router(torch.nn.Module):
                        tokens_per_expert_E=counts_E.float(), counts_E=counts_E, sorted_A=sorted_A, capacity=capacity,
                        num_tokens=num_tokens, num_experts=cfg.num_experts, layout="token", top_k=top_k)
 
-    def _expert_choice(self, probs_TE: torch.Tensor) -> Routing:
+    def _expert_choice(self, probs_TE: torch.Tensor, group: int) -> Routing:
+        """Each expert takes its top-C tokens of every group of ``group`` consecutive tokens; its
+        block of the expert-major layout holds its G*C picks (distinct tokens), group by group."""
+        num_tokens, num_experts = probs_TE.shape
+        G, dev = num_tokens // group, probs_TE.device
+        C = min(group, capacity_for(self.cfg.capacity_factor, group, self.cfg.top_k, num_experts))
+        top = torch.topk(probs_TE.view(G, group, num_experts).transpose(1, 2), C, dim=-1)  # [G, E, C]
+        token_GEC = top.indices + group * torch.arange(G, device=dev).view(G, 1, 1)
+        return _expert_layout(token_GEC.transpose(0, 1).reshape(-1), top.values.transpose(0, 1).reshape(-1),
+                              None, num_tokens, num_experts, G * C)
+
+    def _prefix_expert_choice(self, probs_TE: torch.Tensor, seq_len: int) -> Routing:
+        """Expert choice over causal prefix groups (see the class doc): every expert's block lists
+        all T tokens, keep_A marks the ones it takes. Rank of t = tokens s < t of its sequence with
+        p_se >= p_te; [G, S, S, E] comparisons, an eval-only rule."""
         cfg = self.cfg
         num_tokens, num_experts = probs_TE.shape
-        capacity = min(num_tokens, capacity_for(cfg.capacity_factor, num_tokens, cfg.top_k, num_experts))
-        top = torch.topk(probs_TE.t(), capacity, dim=-1)  # [E, C]
-        token_A = top.indices.reshape(-1)
-        expert_A = torch.arange(num_experts, device=probs_TE.device).repeat_interleave(capacity)
-        slot_A = torch.arange(capacity, device=probs_TE.device).repeat(num_experts)
-        counts_E = torch.full((num_experts,), capacity, dtype=torch.long, device=probs_TE.device)
-        return Routing(token_A=token_A, expert_A=expert_A, weight_A=top.values.reshape(-1),
-                       keep_A=torch.ones_like(token_A, dtype=torch.bool), slot_A=slot_A,
-                       tokens_per_expert_E=counts_E.float(), counts_E=counts_E,
-                       sorted_A=torch.arange(token_A.numel(), device=token_A.device), capacity=capacity,
-                       num_tokens=num_tokens, num_experts=num_experts, layout="expert", top_k=None)
+        p_GSE = probs_TE.view(num_tokens // seq_len, seq_len, num_experts)
+        pos_S = torch.arange(seq_len, device=probs_TE.device)
+        earlier_TS = pos_S.view(1, -1) < pos_S.view(-1, 1)  # [t, s]: s < t
+        beats_GTSE = (p_GSE.unsqueeze(1) >= p_GSE.unsqueeze(2)) & earlier_TS.view(1, seq_len, seq_len, 1)
+        quota_T = torch.tensor([min(t + 1, capacity_for(cfg.capacity_factor, t + 1, cfg.top_k, num_experts))
+                                for t in range(seq_len)], device=probs_TE.device)
+        keep_TE = (beats_GTSE.sum(2) < quota_T.view(1, -1, 1)).view(num_tokens, num_experts)
+        token_A = torch.arange(num_tokens, device=probs_TE.device).repeat(num_experts)
+        return _expert_layout(token_A, probs_TE.t().reshape(-1), keep_TE.t().reshape(-1), num_tokens, num_experts,
+                              num_tokens)
 
     @torch.no_grad()
     def _update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         self.bias_E += self.cfg.bias_update_rate * torch.sign(tokens_per_expert_E.mean() - tokens_per_expert_E)
+
+
+def table_seed(cfg: MoEConfig) -> int:
+    """The hash table's seed: hash_seed, or 0 where no run resolved it (a layer built alone)."""
+    return 0 if cfg.hash_seed is None else cfg.hash_seed
+
+
+def table_counts(cfg: MoEConfig, token_counts) -> tuple[int, ...] | None:
+    """The token counts a hash table balances: the given ones for ``hash_balance="frequency"``."""
+    if cfg.hash_balance == "ids":
+        return None
+    if token_counts is None:
+        raise ValueError("token_counts: hash_balance='frequency' needs the training split's count of each token id")
+    counts = tuple(int(c) for c in token_counts)
+    if len(counts) != cfg.hash_vocab_size or min(counts) < 0:
+        raise ValueError(f"token_counts: need {cfg.hash_vocab_size} counts >= 0, one per token id, got {len(counts)}")
+    return counts
+
+
+def _sequence_len(probs_TE: torch.Tensor, seq_len: int | None) -> int:
+    if seq_len is None or seq_len < 1 or probs_TE.shape[0] % seq_len:
+        raise ValueError(f"seq_len: expert choice over sequences needs the tokens per sequence of the "
+                         f"{probs_TE.shape[0]} routed tokens, got {seq_len!r}")
+    return seq_len
+
+
+def _expert_layout(token_A: torch.Tensor, weight_A: torch.Tensor, keep_A: torch.Tensor | None, num_tokens: int,
+                   num_experts: int, block: int) -> Routing:
+    """An expert-major Routing: expert e's assignments are rows [e*block, (e+1)*block), its tokens
+    distinct; keep_A None means all kept, else dropped rows get weight 0."""
+    dev = token_A.device
+    keep_A = torch.ones_like(token_A, dtype=torch.bool) if keep_A is None else keep_A
+    counts_E = torch.full((num_experts,), block, dtype=torch.long, device=dev)
+    return Routing(token_A=token_A, expert_A=torch.arange(num_experts, device=dev).repeat_interleave(block),
+                   weight_A=weight_A * keep_A, keep_A=keep_A, slot_A=torch.arange(block, device=dev).repeat(num_experts),
+                   tokens_per_expert_E=keep_A.view(num_experts, block).sum(1).float(), counts_E=counts_E,
+                   sorted_A=torch.arange(token_A.numel(), device=dev), capacity=block, num_tokens=num_tokens,
+                   num_experts=num_experts, layout="expert", top_k=None)
 
 
 def balance_losses(routing: Routing, logits_TE: torch.Tensor | None, probs_TE: torch.Tensor | None,
@@ -224,11 +297,14 @@ def balance_losses(routing: Routing, logits_TE: torch.Tensor | None, probs_TE: t
 
 @torch.no_grad()
 def routing_metrics(routing: Routing, probs_TE: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """drop_rate, token_drop_rate, load_cv, max_vio, gate_entropy as 0-dim tensors (no host sync).
+    """drop_rate, token_drop_rate, load_cv, max_vio, gate_entropy, p1_mean, p1_over_half as 0-dim
+    tensors (no host sync).
 
     drop_rate = dropped assignments / assignments; token_drop_rate = tokens left with no kept
     assignment / tokens; load_cv = std/mean and max_vio = (max - mean)/mean of assignments per expert
-    before capacity; gate_entropy = mean token entropy of p in nats (NaN without a router).
+    before capacity; gate_entropy = mean token entropy of p in nats; router confidence: p1_mean =
+    mean over tokens of the largest p, p1_over_half = share of tokens whose largest p exceeds 0.5
+    (the last three NaN without a router).
     """
     counts_E = routing.tokens_per_expert_E
     mean = counts_E.mean()
@@ -238,13 +314,39 @@ def routing_metrics(routing: Routing, probs_TE: torch.Tensor | None) -> dict[str
         kept_T = torch.zeros(routing.num_tokens, device=counts_E.device).index_add_(
             0, routing.token_A, routing.keep_A.float())
     if probs_TE is None:
-        entropy = torch.full((), float("nan"), device=counts_E.device)
+        entropy = p1_mean = p1_over_half = torch.full((), float("nan"), device=counts_E.device)
     else:
         entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1).mean()
+        p1_T = probs_TE.max(-1).values
+        p1_mean, p1_over_half = p1_T.mean(), (p1_T > 0.5).float().mean()
     return {
         "drop_rate": (~routing.keep_A).float().mean(),  # not 1 - mean(keep): compiled, that rounds below 0
         "token_drop_rate": (kept_T == 0).float().mean(),
         "load_cv": counts_E.std(unbiased=False) / mean,
         "max_vio": (counts_E.max() - mean) / mean,
         "gate_entropy": entropy,
+        "p1_mean": p1_mean,
+        "p1_over_half": p1_over_half,
     }
+
+
+@torch.no_grad()
+def token_expert_counts(routing: Routing, token_ids_T: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[V, E] float counts of (token id, chosen expert) over the routing's assignments: a token-choice
+    token's k choices before capacity, an expert-choice expert's picks. No host sync."""
+    chosen_A = torch.ones_like(routing.keep_A) if routing.layout == "token" else routing.keep_A
+    cell_A = token_ids_T.reshape(-1)[routing.token_A] * routing.num_experts + routing.expert_A
+    counts = torch.zeros(vocab_size * routing.num_experts, device=routing.expert_A.device)
+    return counts.index_add_(0, cell_A, chosen_A.float()).view(vocab_size, routing.num_experts)
+
+
+def mutual_information(counts_VE: torch.Tensor) -> torch.Tensor:
+    """Plug-in estimate, in nats, of I(token id; expert) under the empirical joint distribution of
+    the counted assignments: sum p(v,e) log(p(v,e) / (p(v) p(e))). Token choice bounds it by
+    ln(E/k) (k distinct experts per token; a balanced hash table reaches it); the plug-in estimate
+    is biased up by about (V-1)(E-1)/(2N) for N assignments. NaN for no assignments."""
+    total = counts_VE.sum()
+    p_VE = counts_VE / total.clamp_min(1e-30)
+    ratio_VE = p_VE / (p_VE.sum(1, keepdim=True) * p_VE.sum(0, keepdim=True)).clamp_min(1e-30)
+    mi = torch.where(p_VE > 0, p_VE * torch.log(ratio_VE.clamp_min(1e-30)), torch.zeros_like(p_VE)).sum()
+    return torch.where(total > 0, mi, torch.full_like(mi, float("nan")))

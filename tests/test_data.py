@@ -34,9 +34,9 @@ def raises_one_line(exc_type, match: str, fn, *args, **kw):
 
 
 def count_corpus_reads(monkeypatch) -> list:
-    """Record every load_corpus call made by load_data (the cache must avoid them)."""
-    calls, real = [], D.load_corpus
-    monkeypatch.setattr(D, "load_corpus", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    """Record every read_split call made by load_data (the cache must avoid them)."""
+    calls, real = [], D.read_split
+    monkeypatch.setattr(D, "read_split", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     return calls
 
 
@@ -129,13 +129,50 @@ def test_tinystories_hub_offline_fails_with_one_line(tmp_path):
     raises_one_line(ConnectionError, "offline", load_corpus, "tinystories", "validation", cache_dir=str(tmp_path))
 
 
+def test_unmarked_text_is_held_out_as_a_block_at_a_story_start(tmp_path):
+    paragraphs = [f"{'Once upon a time' if i % 4 == 0 else 'Then'} part {i} of story {i // 4}." for i in range(80)]
+    path = write(tmp_path / "p.txt", "\n\n".join(paragraphs))
+    train, val = (D.read_split(f"text:{path}", s, val_fraction=0.2) for s in D.SPLITS)
+    assert train.docs + val.docs == paragraphs  # the last block, in order
+    assert D.is_story_start(val.docs[0]) and len(val.docs) == 16 and val.n_stories == 4
+    assert (val.unit, val.method, val.boundary) == ("paragraph", "block", "story start")
+    assert train.n_stories == 16
+    # no opener near the target: the nearest paragraph boundary, and the record says so
+    plain = write(tmp_path / "q.txt", "\n\n".join(p.replace("Once upon a time", "Later") for p in paragraphs))
+    assert D.read_split(f"text:{plain}", "validation", val_fraction=0.2).boundary == "paragraph"
+    # the hash split stays available (it leaks on paragraphs), and marked stories keep it by default
+    hashed = D.read_split(f"text:{path}", "validation", val_fraction=0.2, split_method="hash")
+    assert (hashed.method, hashed.docs) == ("hash", D.split_stories(paragraphs, "validation", 0.2, 0))
+    marked = write(tmp_path / "m.txt", D.format_stories(paragraphs))
+    assert D.read_split(f"text:{marked}", "validation", val_fraction=0.2).method == "hash"
+    data = load_data(small_cfg(tmp_path, corpus=f"text:{path}", val_fraction=0.2, seq_len=8))
+    assert data.meta["split"] == {"method": "block", "unit": "paragraph", "val_fraction": 0.2,
+                                  "boundary": "story start"}
+    assert data.meta["splits"]["validation"]["n_units"] == 16
+
+
 @pytest.mark.skipif(not SHARED_VAL.is_file(), reason="../shared/data/tinystories_val.txt not present")
 def test_real_tinystories_text(tmp_path):
     data = load_data(DataConfig(corpus=f"text:{SHARED_VAL}", cache_dir=str(tmp_path)))
-    splits = data.meta["splits"]
-    assert splits["train"]["n_stories"] + splits["validation"]["n_stories"] == len(D.read_stories(str(SHARED_VAL)))
+    splits, paragraphs = data.meta["splits"], D.read_stories(str(SHARED_VAL))
+    assert splits["train"]["n_units"] + splits["validation"]["n_units"] == len(paragraphs)
+    assert data.meta["split"]["method"] == "block" and data.meta["split"]["boundary"] == "story start"
+    assert 700 < sum(map(D.is_story_start, paragraphs)) < 900  # about 800 stories in 4,302 paragraphs
     assert 50 < data.vocab_size < 200 and 1.0 <= data.val_bytes_per_token < 1.01
     assert data.meta["eval_windows_used"] == 64
+
+
+@pytest.mark.skipif(not SHARED_VAL.is_file(), reason="../shared/data/tinystories_val.txt not present")
+@pytest.mark.parametrize("val_fraction", [0.05, 0.1])
+def test_default_split_of_unmarked_text_is_story_disjoint(val_fraction):
+    """The rare-word leak (rare words of validation also seen in train) of the default split sits at
+    the level of a contiguous split (about 0.27), the random paragraph split's far above it."""
+    spec, paragraphs = f"text:{SHARED_VAL}", D.read_stories(str(SHARED_VAL))
+    train, val = (load_corpus(spec, s, val_fraction=val_fraction) for s in D.SPLITS)
+    leak = D.rare_word_leak(train, val)
+    old = [D.split_stories(paragraphs, s, val_fraction, 0) for s in D.SPLITS]
+    old_leak = D.rare_word_leak(*old)
+    assert leak < 0.31 and old_leak > 0.38 and old_leak - leak > 0.1, (leak, old_leak)
 
 
 # --- tokenizers -----------------------------------------------------------------------------------
@@ -278,6 +315,7 @@ def test_meta_and_bytes_per_token(char_data):
 @pytest.mark.parametrize("field, value", [
     ("seq_len", 0), ("seq_len", "128"), ("synthetic_chars", 0), ("eval_windows", 0),
     ("max_stories", 0), ("val_fraction", 0.0), ("val_fraction", 1.5), ("seed", -1), ("cache_dir", ""),
+    ("split_method", "random"),
 ])
 def test_bad_config_field_is_named(field, value):
     raises_one_line(ValueError, f"DataConfig.{field}", DataConfig, **{field: value})

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from moe_core import ModelConfig, MoEConfig, TinyMoEModel
 from moe_core.dispatch import Experts
 from moe_core.flops import train_flops_per_token
+from moe_core.routing import hash_table, mutual_information
 
 V, S, D = 41, 16, 32
 
@@ -35,7 +36,7 @@ def test_forward_backward_reaches_every_router(router):
 
 
 def test_model_is_causal_for_token_choice_and_causal_ec_eval():
-    for router, mode in (("softk", None), ("expert_choice", "causal")):
+    for router, mode in (("softk", None), ("expert_choice", "causal"), ("expert_choice", "prefix")):
         torch.manual_seed(0)
         model = TinyMoEModel(model_cfg(router)).eval()
         if mode:
@@ -50,6 +51,33 @@ def test_hash_layers_get_distinct_tables_and_vocab():
     model = TinyMoEModel(model_cfg("hash"))
     tables = [layer.router.hash_table_VK for layer in model.moe_layers()]
     assert tables[0].shape == (V, 2) and not torch.equal(tables[0], tables[1])
+    assert torch.equal(tables[1], torch.as_tensor(hash_table(V, 4, 2, 1)))  # no seed: layer i draws seed 0 + i
+    seeded = TinyMoEModel(model_cfg("hash", hash_seed=5)).moe_layers()[1].router.hash_table_VK
+    assert torch.equal(seeded, torch.as_tensor(hash_table(V, 4, 2, 6)))
+
+
+def test_frequency_hash_tables_are_built_from_the_given_counts():
+    counts = torch.arange(V) ** 2
+    cfg = model_cfg("hash", hash_balance="frequency", hash_seed=2)
+    with pytest.raises(ValueError, match="token_counts"):
+        TinyMoEModel(cfg)
+    model = TinyMoEModel(cfg, token_counts=counts)
+    for i, layer in enumerate(model.moe_layers()):
+        want = hash_table(V, 4, 2, 2 + i, tuple(counts.tolist()))
+        assert torch.equal(layer.router.hash_table_VK, torch.as_tensor(want))
+
+
+def test_counting_assignments_collects_token_expert_pairs_inside_the_block_only():
+    model = TinyMoEModel(model_cfg("hash")).eval()
+    idx = torch.randint(0, V, (3, S))
+    with model.counting_assignments() as counts_LVE:
+        model(idx)
+    model(idx)  # outside the block: not counted
+    assert counts_LVE.shape == (2, V, 4) and counts_LVE.sum((1, 2)).tolist() == [3 * S * 2] * 2
+    table = model.moe_layers()[0].router.hash_table_VK
+    seen = idx.unique()
+    assert (counts_LVE[0, seen].gather(1, table[seen]) > 0).all() and counts_LVE[0].sum() == counts_LVE[0, seen].sum()
+    assert 0 < mutual_information(counts_LVE[0]) <= torch.log(torch.tensor(2.0)) + 1e-6  # ln(E/k), E=4, k=2
 
 
 def test_dense_baseline_has_k_times_hidden_and_moe_every():

@@ -14,7 +14,7 @@ from moe_core import ROUTERS, MoEConfig, MoEFeedForward
 from moe_core.dispatch import BACKEND_FNS
 from moe_core.model import DenseFeedForward
 from moe_core.reference import reference_forward
-from moe_core.routing import hash_table
+from moe_core.routing import hash_table, mutual_information, routing_metrics, token_expert_counts
 
 VOCAB = 37
 BACKENDS = list(BACKEND_FNS)
@@ -93,11 +93,25 @@ def test_backends_match_reference_float64(router, case):
     assert_backends_match_reference(layer, x, ids)
 
 
-@pytest.mark.parametrize("mode,ec_eval", [("train", "causal"), ("eval", "causal"), ("eval", "noncausal")])
-def test_expert_choice_modes_match_reference_float64(mode, ec_eval):
-    layer = make_layer("expert_choice", E=4, k=2, cf=0.75, D=8, F_=19, router_init_std=1.0, ec_eval=ec_eval)
+@pytest.mark.parametrize("group,mode,ec_eval", [
+    ("batch", "train", "causal"), ("batch", "eval", "causal"), ("batch", "eval", "noncausal"),
+    ("batch", "eval", "prefix"), ("sequence", "train", "causal"), ("sequence", "eval", "noncausal"),
+    ("sequence", "eval", "prefix"),
+])
+def test_expert_choice_modes_match_reference_float64(group, mode, ec_eval):
+    layer = make_layer("expert_choice", E=4, k=2, cf=0.75, D=8, F_=19, router_init_std=1.0, ec_eval=ec_eval,
+                       ec_group=group)
     layer.double().train(mode == "train")
-    assert_backends_match_reference(layer, torch.randn(15, 8, dtype=torch.float64), None)
+    assert_backends_match_reference(layer, torch.randn(3, 5, 8, dtype=torch.float64), None)  # 3 sequences of 5
+
+
+def test_frequency_hash_matches_reference_float64():
+    counts = torch.randint(0, 1000, (VOCAB,)) ** 2
+    cfg = MoEConfig(dim=8, hidden=19, num_experts=4, top_k=2, router="hash", capacity_factor=1.0,
+                    hash_vocab_size=VOCAB, hash_balance="frequency", hash_seed=4)
+    layer = MoEFeedForward(cfg, token_counts=counts).double()
+    assert torch.equal(layer.router.hash_table_VK, torch.as_tensor(hash_table(VOCAB, 4, 2, 4, tuple(counts.tolist()))))
+    assert_backends_match_reference(layer, torch.randn(16, 8, dtype=torch.float64), torch.randint(0, VOCAB, (16,)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -257,6 +271,74 @@ def test_expert_choice_noncausal_in_training_causal_in_eval():
     assert stats.drop_rate.item() == 0.0
 
 
+def test_prefix_and_sequence_groups_confine_what_expert_choice_reads():
+    """Prefix eval reads no later token of the sequence; in training, sequence groups read their own
+    sequence's future but no other sequence, batch groups (the default) read other sequences too."""
+    x = 0.1 * torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(0))
+    x[0, -1, 1] = 20.0  # sequence 0's last token wants expert 1 (logit_e = x_e below)
+    x[1, :, 0] -= 1.0  # sequence 1 is the weakest for expert 0
+    changed = x.clone()
+    changed[0, -1, :2] = torch.tensor([20.0, 0.0])  # ... and now expert 0, displacing someone
+    for group in ("batch", "sequence"):
+        layer = make_layer("expert_choice", E=4, k=2, cf=1.0, ec_group=group, ec_eval="prefix")
+        with torch.no_grad():
+            layer.router.weight_ED.copy_(torch.eye(4, 12))
+        layer.eval()
+        torch.testing.assert_close(layer(x)[0][:, :-1], layer(changed)[0][:, :-1], rtol=0, atol=0)
+        layer.train()
+        y, y_changed = layer(x)[0], layer(changed)[0]
+        assert torch.equal(y[1], y_changed[1]) == (group == "sequence")  # the other sequence
+        assert group == "batch" or not torch.equal(y[0, :-1], y_changed[0, :-1])  # its own future
+    routing, _, _ = layer.router(x.view(-1, 12), None, 8)
+    assert routing.capacity == 2 * 4 and routing.token_A.view(4, 2, 4).div(8, rounding_mode="floor").tolist() == \
+        [[[0] * 4, [1] * 4]] * 4  # each expert takes C = 4 tokens of each sequence
+    with pytest.raises(ValueError, match="seq_len"):
+        layer.router(x.view(-1, 12), None, 5)
+
+
+def test_frequency_hash_table_balances_skewed_load():
+    """On Zipf-like counts the greedy frequency table spreads the expected load far better than the
+    id-balanced one; with equal counts it is the id-balanced table."""
+    V, E = 300, 8
+    ranks = torch.randperm(V, generator=torch.Generator().manual_seed(0)).tolist()
+    counts = tuple(int(1e6 / (r + 5) ** 1.1) for r in ranks)  # heaviest id: 46% of the mean load at k=1
+    for k in (1, 2):
+        vio = {}
+        for name, table_counts in (("ids", None), ("frequency", counts)):
+            table = torch.as_tensor(hash_table(V, E, k, 0, table_counts))
+            weight_A = torch.tensor(counts, dtype=torch.float64).repeat_interleave(k)
+            load_E = torch.zeros(E, dtype=torch.float64).index_add_(0, table.reshape(-1), weight_A)
+            vio[name] = (load_E.max() / load_E.mean() - 1).item()  # max_vio of the expected load
+        assert vio["frequency"] < 0.01 and vio["ids"] > 0.3, (k, vio)
+        assert all(len(set(row)) == k for row in hash_table(V, E, k, 0, counts).tolist())
+    assert (hash_table(V, E, 2, 3, (5,) * V) == hash_table(V, E, 2, 3)).all()
+    with pytest.raises(ValueError, match="token_counts"):
+        make_layer("hash", hash_balance="frequency")
+
+
+def test_router_confidence_and_token_expert_information():
+    layer = make_layer("top1", E=4, cf=None)
+    logits_TE = torch.tensor([[4.0, 0, 0, 0], [0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 2.0]])
+    routing, _, probs_TE = layer.router.route(logits_TE)
+    stats = routing_metrics(routing, probs_TE)
+    p1 = probs_TE.max(-1).values
+    assert stats["p1_mean"].item() == pytest.approx(p1.mean().item())
+    assert stats["p1_over_half"].item() == 0.75 and p1[1].item() == 0.25
+    ids = torch.tensor([5, 6, 5, 7])  # id 5 goes to experts 0 and 1: MI = H(E) - H(E|V) = ln 4 - ln(2)/2
+    counts_VE = token_expert_counts(routing, ids, 9)
+    assert counts_VE.sum().item() == 4 and counts_VE[5].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert mutual_information(counts_VE).item() == pytest.approx(math.log(4) - math.log(2) / 2)
+    assert mutual_information(torch.ones(5, 4)).item() == pytest.approx(0.0, abs=1e-7)  # independent
+    assert torch.isnan(mutual_information(torch.zeros(5, 4)))
+    hashed = make_layer("hash", E=8, k=2, cf=None)  # every id once: MI = H(E) - H(E|V) = H(E) - ln 2
+    ids = torch.arange(VOCAB)
+    routing, _, _ = hashed.router(torch.randn(VOCAB, 12), ids)
+    p_E = torch.bincount(hashed.router.hash_table_VK.view(-1), minlength=8) / (2 * VOCAB)
+    entropy = -(p_E * p_E.log()).sum().item()
+    assert mutual_information(token_expert_counts(routing, ids, VOCAB)).item() == pytest.approx(entropy - math.log(2))
+    assert torch.isnan(routing_metrics(routing, None)["p1_mean"])
+
+
 def test_expert_choice_capacity_and_token_drop():
     layer = make_layer("expert_choice", E=4, k=1, cf=0.5)  # C = ceil(0.5*16*1/4) = 2 -> <= 8 tokens served
     layer.train()
@@ -326,6 +408,9 @@ def test_router_logits_float32_under_autocast():
     (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
     (dict(router="hash", aux_free_bias=True), "aux_free_bias"),
     (dict(ec_eval="sometimes"), "ec_eval"),
+    (dict(router="expert_choice", capacity_factor=1.0, ec_group="token"), "ec_group"),
+    (dict(router="hash", hash_balance="bytes"), "hash_balance"),
+    (dict(router="hash", hash_seed=-1), "hash_seed"),
 ])
 def test_invalid_moe_config_names_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):

@@ -10,7 +10,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from moe_core.analysis import latex, load, results, stats, tables
+from moe_core.analysis import frontier, latex, load, results, stats, tables
 from moe_core.flops import train_flops_per_token
 from moe_core.train import TrainConfig, train
 from moe_core.train import loop as train_mod  # the loop looks training_loss up there
@@ -94,51 +94,6 @@ def test_t_quantile_matches_tables(df):
     assert stats.t_quantile(0.975, df) == pytest.approx(T_975[df], abs=1e-4)
 
 
-def test_welch_difference_by_hand():
-    a, b = stats.summarize([1.0, 2.0, 3.0]), stats.summarize([2.0, 3.0, 4.0])
-    diff, ci = stats.welch_difference(a, b)  # equal n and s.d.: Welch df = 2(n - 1) = 4
-    assert diff == pytest.approx(-1.0) and ci == pytest.approx(T_975[4] * math.sqrt(2 / 3), abs=1e-4)
-    a, b = stats.summarize([1.0, 2.0, 3.0]), stats.summarize([4.0, 6.0, 8.0])
-    df = (1 / 3 + 4 / 3) ** 2 / ((1 / 3) ** 2 / 2 + (4 / 3) ** 2 / 2)  # 50/17
-    assert stats.welch_difference(a, b)[1] == pytest.approx(stats.t_quantile(0.975, df) * math.sqrt(5 / 3))
-    assert math.isnan(stats.welch_difference(stats.summarize([1.0]), b)[1])
-
-
-def ranked_runs(ppl: dict) -> pd.DataFrame:
-    """A runs frame: (router, cf label) -> seed perplexities, plus one failed run of expert_choice."""
-    rows = [{"label": r, "cf_label": cf, "status": "ok", "best_val_ppl": v}
-            for (r, cf), values in ppl.items() for v in values]
-    return pd.DataFrame([*rows, {"label": "expert_choice", "cf_label": "1.0", "status": "failed", "best_val_ppl": 1.0}])
-
-
-def test_ranking_check_verdicts_at_each_routers_best_shared_capacity():
-    check = stats.ranking_check(ranked_runs({
-        ("expert_choice", "1.0"): [3.0, 3.1, 3.2], ("expert_choice", "1.25"): [3.5, 3.6, 3.7],
-        ("softk", "1.0"): [3.9, 4.0, 4.1], ("softk", "1.25"): [3.45, 3.55, 3.65],
-        ("softk", "dropless"): [1.0, 1.0, 1.0],  # not shared by all: must not count
-        ("hash", "1.0"): [3.6, 3.7, 3.8], ("hash", "1.25"): [3.4, 3.5, 3.6],
-        ("topk_hard", "1.0"): [5.0, 5.1, 5.2], ("topk_hard", "1.25"): [5.0, 5.1, 5.2],
-        ("top1", "1.0"): [3.0, 6.0, 9.0], ("top1", "1.25"): [8.0, 9.0, 10.0]}))
-    assert list(zip(check["better"], check["worse"])) == [("expert_choice", "softk"), ("softk", "hash"),
-                                                         ("hash", "topk_hard"), ("topk_hard", "top1")]
-    assert list(check["better_cf"]) == ["1.0", "1.25", "1.25", "1.0"]  # failed EC run (ppl 1.0) ignored
-    assert check["better_mean"].iloc[0] == pytest.approx(3.1) and check["worse_mean"].iloc[0] == pytest.approx(3.55)
-    assert list(check["verdict"]) == ["holds", "unresolved", "holds", "unresolved"]
-    numbers = tables.ranking_numbers(check)
-    assert (numbers["PriorClaimVerdict"], numbers["PriorClaimHold"], numbers["PriorClaimUnresolved"]) == \
-        ("is not resolved", 2, 2)
-    assert numbers["MeasuredOrder"].startswith("expert_choice cf1.0 3.10, hash cf1.25 3.50")
-    assert len(tables.ranking_table(check)) == 4
-
-
-def test_ranking_check_reversal_and_missing_routers():
-    check = stats.ranking_check(ranked_runs({("softk", "1.0"): [4.0, 4.1, 4.2], ("hash", "1.0"): [3.0, 3.1, 3.2]}))
-    assert list(check["verdict"]) == ["reversed"]
-    assert tables.ranking_numbers(check)["PriorClaimVerdict"] == "is contradicted"
-    assert list(stats.ranking_check(ranked_runs({})).columns) == list(check.columns)
-    assert stats.ranking_check(ranked_runs({})).empty and tables.ranking_numbers(check.iloc[:0]) == {}
-
-
 def test_failed_and_diverged_runs_are_listed_not_aggregated(loaded):
     runs = loaded.runs.set_index("run")
     assert runs.loc["hash_cf1.25_s0", "status"] == "failed" and "boom" in runs.loc["hash_cf1.25_s0", "error"]
@@ -201,24 +156,28 @@ def test_expert_choice_headline_is_causal(runs_dir, loaded):
 
 
 def test_numbers_table_and_macros(tmp_path, runs_dir, loaded):
-    table = stats.run_table(loaded.runs)
-    budget, iso = stats.loss_at_flops(stats.curves(loaded.evals))
-    numbers = tables.experiment_a_numbers(loaded.runs, table, iso, budget)
+    analysis = frontier.analyse(loaded.runs, loaded.evals)
+    table = analysis.table
+    numbers = tables.experiment_a_numbers(loaded.runs, analysis)
     assert numbers["NumFailedRuns"] == 1 and numbers["NumDivergedRuns"] == 1 and numbers["MaxSeeds"] == 2
     softk = table.set_index("name").loc["softk cf1.25"]
     assert numbers["softk cf1.25 ppl"] == softk["best_val_ppl_mean"]
+    steps = [summary(runs_dir, f"softk_cf1.25_s{s}")["best_val_step"] for s in (0, 1)]
+    assert numbers["softk cf1.25 best step"] == statistics.median(steps)
     split = json.loads((runs_dir / "exp/softk_cf1.25_s0/config.json").read_text())["data"]["splits"]["train"]
     assert (numbers["CorpusTrainTokens"], numbers["CorpusTrainStories"]) == (split["n_tokens"], split["n_stories"])
     assert numbers["TrainEpochs"] == pytest.approx(numbers["TrainTokens"] / split["n_tokens"])
+    assert numbers["NumBudgets"] == 1 and not any(k.startswith("steps ") for k in numbers)  # one budget: no prefixes
     path = latex.write_numbers(numbers, tmp_path / "numbers_a.tex")
     latex.write_numbers({"x": 1}, tmp_path / "numbers_b.tex")
     text = path.read_text()
     assert f"\\newcommand{{\\SoftkCfOnePtTwoFivePpl}}{{{latex.format_number(softk['best_val_ppl_mean'])}}}" in text
     assert "\\newcommand{\\BestRouter}{" in text and "\\newcommand{\\NumFailedRuns}{1}" in text
     assert (tmp_path / "numbers.tex").read_text().count("\\InputIfFileExists") == 2
-    tex = latex.write_table(tables.experiment_a_table(table, iso, budget), tmp_path / "t.tex", "cap", "tab:t")
+    tex = latex.write_table(tables.experiment_a_table(table, analysis.target), tmp_path / "t.tex", "cap", "tab:t")
     body = tex.read_text()
     assert "\\toprule" in body and "\\bottomrule" in body and body.count("\\\\\n") == len(table) + 1
+    assert "Budget" not in body  # one budget: no budget column
 
 
 @pytest.mark.parametrize("key,name", [("softk cf1.25 ppl", "SoftkCfOnePtTwoFivePpl"), ("BestRouter", "BestRouter"),
@@ -291,6 +250,7 @@ def test_only_the_paper_experiment_writes_the_committed_inputs(tmp_path):
 
 def test_results_namespace_is_the_pipeline():
     assert results.load_experiment is load.load_experiment and results.run_table is stats.run_table
+    assert results.ranking_check is stats.ranking_check and results.iso_flop_check is frontier.iso_flop_check
     assert results.write_table is latex.write_table and results.experiment_a_table is tables.experiment_a_table
     assert {"load_experiment", "run_table", "TeX", "write_experiment_a"} <= set(dir(results))
     with pytest.raises(AttributeError, match="no_such_name"):

@@ -58,6 +58,27 @@ def test_params_files_expand():
     assert all(r.params["top_k"] == 1 for r in runs_a if r.params["router"] == "top1")
 
 
+def test_experiment_a_v2_design():
+    """Every configuration at 3 budgets (complete schedules) x 5 seeds on the story-disjoint split,
+    evaluated on all validation windows; the first slice's glob keeps 3 seeds of every configuration."""
+    _, runs = sweep.expand(yaml.safe_load((ROOT / "params/experiment_a_v2.yaml").read_text()))
+    configs = {}
+    for r in runs:
+        budget, rest = r.name.split("_", 1)
+        config, seed = rest.rsplit("_s", 1)
+        assert budget == f"b{r.params['steps']}" and int(seed) == r.params["seed"]
+        configs.setdefault(config, set()).add((r.params["steps"], r.params["seed"]))
+    assert len(runs) == 285 and len(configs) == 19
+    assert all(pairs == {(b, s) for b in (400, 1600, 4800) for s in range(5)} for pairs in configs.values())
+    assert {"hash_ids_cf1.0", "hash_frequency_cf1.0", "expert_choice_seq_cf1.25", "top1_h2048_cf1.0", "dense",
+            "softk_dropless", "softk_cf1.25_parasplit"} <= set(configs)
+    assert all(r.params["val_fraction"] == 0.1 and r.params["eval_windows"] >= 400 and "hash_seed" not in r.params
+               for r in runs)
+    assert {r.params["split_method"] for r in runs} == {"block", "hash"}  # hash: the leak probe only
+    first = sweep.select(runs, "*_s[012]", None)
+    assert len(first) == 19 * 3 * 3 and {r.params["seed"] for r in first} == {0, 1, 2}
+
+
 def test_select_only_and_shards_partition():
     runs = [sweep.Run(f"r{i}", {}) for i in range(7)]
     assert [r.name for r in sweep.select(runs, "r[12]", None)] == ["r1", "r2"]

@@ -55,6 +55,13 @@ def format_mean_ci(mean, ci) -> str:
     return text if ci is None or not math.isfinite(ci) else f"{text} $\\pm$ {format_number(ci, 2)}"
 
 
+def format_p(p) -> str:
+    """A p-value as LaTeX text: 2 significant digits, ``$<$0.001`` below 0.001, n/a when missing."""
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return "$<$0.001" if p < 1e-3 else format_number(p, 2)
+
+
 def format_value(value) -> str:
     return value if isinstance(value, TeX) else format_number(value)
 

@@ -4,7 +4,13 @@ tables, figures, macros).
 Conventions
 - A *config* is a run's TrainConfig minus the replicate fields (``seed`` and the run-control
   fields), so the seeds of one config aggregate together. Its display ``name`` is the router (or
-  ``dense``) and capacity factor, e.g. ``softk cf1.25``, widened with any other field that varies.
+  ``dense``) and capacity factor, e.g. ``softk cf1.25``; where two configs would share one, the
+  one that deviates from the experiment's usual value of a field gets it appended, e.g.
+  ``top1 cf1.0 hidden=2048`` beside ``top1 cf1.0``. That suffix is the config's ``variant``
+  (empty for the main config of a router and CF).
+- A *budget* is the planned token count ``budget_tokens`` = steps x batch_size x seq_len; each
+  budget is its own complete schedule. The schedule fields (SCHEDULE_FIELDS) never enter a name,
+  so one configuration keeps its name across budgets and (name, budget_tokens) is one cell.
 - A run's status is the one its summary.json states; a run without one is ``incomplete`` (config
   written, training not finished) or ``missing``; a record that does not parse is ``unreadable``.
 - For expert_choice the headline validation metric is the causal eval (``val_loss``); the
@@ -21,6 +27,7 @@ not stored, so it always comes from metrics.jsonl.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,9 +39,11 @@ from ..flops import train_flops_per_token
 from ..train import RUN_CONTROL_FIELDS, TrainConfig
 
 REPLICATE_FIELDS = ("seed", *RUN_CONTROL_FIELDS)  # vary between replicates of one config
+SCHEDULE_FIELDS = ("steps", "warmup", "eval_interval", "log_interval")  # set by the budget, not in names
+NAMED_FIELDS = ("router", "ffn", "capacity_factor")  # already spelled by the name's router and CF
 LABELS = (*ROUTERS, "dense")  # display order of routers in tables and legends
 ROUTING_STATS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy")
-DESCRIPTORS = ("name", "label", "cf_label")  # functions of the config, carried through aggregation
+DESCRIPTORS = ("name", "label", "cf_label", "variant", "budget_tokens")  # functions of the config, kept by aggregation
 BENCH_KEYS = ("source", "num_experts", "top_k", "capacity_factor", "cf_label", "tokens", "dim", "hidden",
               "router", "backend", "device_name", "dtype")
 BENCH_METRICS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac",
@@ -60,9 +69,11 @@ def load_experiment(runs_dir: str | Path, experiment: str) -> Records:
     """Every run of runs_dir/experiment (see the module docstring for the columns' conventions).
 
     runs: the stored TrainConfig fields flattened, ``status``, ``error``, ``name``/``label``/
-    ``cf_label``, best and final eval metrics, ``median_tokens_per_s``, ``tokens`` trained,
-    ``train_flops_per_token`` and ``train_flops``. evals: each metrics.jsonl row with the run's
-    config, ``train_flops`` at that row, and the row's own learning rate as ``step_lr``.
+    ``cf_label``/``variant``, ``budget_tokens``, best (with its step) and final eval metrics,
+    ``median_tokens_per_s`` and the ``concurrency`` it was measured under (runs sharing the GPU;
+    None when the record does not say), ``tokens`` trained, ``train_flops_per_token`` and
+    ``train_flops``. evals: each metrics.jsonl row with the run's config, ``train_flops`` at that
+    row, and the row's own learning rate as ``step_lr``.
     """
     root = Path(runs_dir, experiment)
     read = [_read_run(d) for d in sorted(root.iterdir()) if _is_run_dir(d)] if root.is_dir() else []
@@ -70,8 +81,9 @@ def load_experiment(runs_dir: str | Path, experiment: str) -> Records:
         empty = pd.DataFrame(columns=["run", "status", "error", *DESCRIPTORS])
         return Records(empty, empty.copy())
     runs = _name_configs(pd.DataFrame([run for run, _ in read]))
-    names = dict(zip(runs["run"], runs["name"]))
-    evals = pd.DataFrame([{**row, "name": names[row["run"]]} for _, rows in read for row in rows])
+    names = dict(zip(runs["run"], zip(runs["name"], runs["variant"])))
+    evals = pd.DataFrame([{**row, "name": names[row["run"]][0], "variant": names[row["run"]][1]}
+                          for _, rows in read for row in rows])
     return Records(sort_rows(runs), sort_rows(evals))
 
 
@@ -90,7 +102,8 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
         flops = _flops_per_token(config, vocab)
     common = {**config, **head, "run": record.get("run", run_dir.name),
               "status": summary.get("status") or ("incomplete" if record else "missing"),
-              **_describe(config), "vocab_size": vocab, "train_flops_per_token": flops}
+              **_describe(config), "budget_tokens": _budget_tokens(config), "vocab_size": vocab,
+              "train_flops_per_token": flops}
     best_loss, best_step = _best_val(summary, metrics)
     noncausal = min((r["val_loss_noncausal"] for r in metrics if r.get("val_loss_noncausal") is not None),
                     default=None)
@@ -103,6 +116,7 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
            "best_val_ppl_noncausal": _exp(noncausal), "final_val_loss": last.get("val_loss"),
            **{f"final_{s}": last.get(s) for s in ROUTING_STATS},
            **{k: summary.get(k) for k in ("median_tokens_per_s", "mfu", "params", "peak_mem_bytes", "wall_time_s")},
+           "concurrency": summary.get("concurrency", record.get("concurrency")),
            "device_name": summary.get("device"), "git_commit": (record.get("git") or {}).get("commit"),
            **{f"{split}_corpus_{k}": (splits.get(split) or {}).get(k)
               for split in ("train", "validation") for k in ("n_tokens", "n_stories")}}
@@ -147,6 +161,12 @@ def _describe(config: dict) -> dict:
             "cf_label": None if dense else cf_label(config.get("capacity_factor"))}
 
 
+def _budget_tokens(config: dict) -> int | None:
+    """The planned tokens of the run's whole schedule: steps x global batch x sequence length."""
+    sizes = [config.get(k) for k in ("steps", "batch_size", "seq_len")]
+    return None if None in sizes else math.prod(sizes)
+
+
 def _times(a, b):
     return None if a is None or b is None else a * b
 
@@ -161,31 +181,58 @@ def config_keys(frame: pd.DataFrame) -> list[str]:
 
 
 def _name_configs(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add ``name``: router (or dense) and CF, ``softk cf1.25`` or ``softk dropless``; where two
-    configs would share one, the other fields that tell them apart are appended (``softk cf1.0
-    lr=0.001``). A run without a config keeps its directory name."""
-    keys = config_keys(runs)
-    identity = pd.Series([repr(row) for row in runs[keys].itertuples(index=False)], index=runs.index)
-    base = [run if not isinstance(label, str) else label if label == "dense" else
-            f"{label} dropless" if cf == "dropless" else f"{label} cf{cf}"
-            for run, label, cf in zip(runs["run"], runs["label"], runs["cf_label"])]
-    names = pd.Series(base, index=runs.index)
-    for _, idx in names.groupby(names).groups.items():
-        if identity[idx].nunique() > 1:
-            group = runs.loc[idx]
-            varying = [k for k in keys if k not in ("router", "ffn", "capacity_factor")
-                       and group[k].nunique(dropna=False) > 1]
-            names[idx] = [f"{names[i]} " + " ".join(f"{k}={group.at[i, k]}" for k in varying) for i in idx]
-    return runs.assign(name=names)
+    """Add ``name`` and ``variant``: the name is router (or dense) and CF, ``softk cf1.25`` or
+    ``softk dropless``. Where configs would share a name, each gets appended the fields on which it
+    deviates from the experiment's usual value (the most common one over its configs), ``top1 cf1.0
+    hidden=2048``; that suffix is its ``variant``. Schedule fields are left out, so a config keeps
+    its name at every budget; they are appended only where they alone tell two configs of one
+    budget apart. A run without a config keeps its directory name."""
+    keys = [k for k in config_keys(runs) if k not in NAMED_FIELDS]
+    base = pd.Series([run if not isinstance(label, str) else label if label == "dense" else
+                      f"{label} dropless" if cf == "dropless" else f"{label} cf{cf}"
+                      for run, label, cf in zip(runs["run"], runs["label"], runs["cf_label"])], index=runs.index)
+    variant = _deviations(runs, pd.Series("", index=runs.index), [k for k in keys if k not in SCHEDULE_FIELDS],
+                          by=[base])
+    variant = _deviations(runs, variant, [k for k in keys if k in SCHEDULE_FIELDS],
+                          by=[base + variant, runs["budget_tokens"]])
+    return runs.assign(name=(base + " " + variant).str.strip(), variant=variant)
+
+
+def _deviations(runs: pd.DataFrame, variant: pd.Series, fields: list[str], by: list) -> pd.Series:
+    """``variant`` extended, in each group of ``by`` whose configs differ in ``fields``, by
+    ``field=value`` for each such field where the config deviates from the usual value."""
+    usual = _usual_values(runs, fields)
+    out = variant.copy()
+    for _, idx in runs.groupby(by, dropna=False).groups.items():
+        group = runs.loc[idx]
+        if fields and _identities(group, fields).nunique() > 1:
+            varying = {k: group[k].map(repr) for k in fields if group[k].nunique(dropna=False) > 1}
+            out[idx] = [" ".join([variant[i], *(f"{k}={group.at[i, k]}" for k, text in varying.items()
+                                                if text[i] != usual[k])]).strip() for i in idx]
+    return out
+
+
+def _identities(frame: pd.DataFrame, fields: list[str]) -> pd.Series:
+    return pd.Series([repr(row) for row in frame[fields].itertuples(index=False)], index=frame.index)
+
+
+def _usual_values(runs: pd.DataFrame, fields: list[str]) -> dict[str, str]:
+    """Per field, repr of its most common value over the distinct configs (first in row order on a tie)."""
+    configs = runs.loc[~_identities(runs, config_keys(runs)).duplicated()]
+    usual = {}
+    for k in fields:
+        counts = Counter(configs[k].map(repr))
+        usual[k] = max(counts, key=counts.__getitem__)  # Counter keeps first-seen order; max keeps the first
+    return usual
 
 
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows in display order: router order of LABELS, then k, CF (dropless last), name, seed, step."""
+    """Rows in display order: budget, router order of LABELS, then k, CF (dropless last), name, seed, step."""
     if frame.empty:
         return frame
     key = {"label": lambda s: s.map({lab: i for i, lab in enumerate(LABELS)}).fillna(len(LABELS)),
            "cf_label": lambda s: s.map(cf_order_value)}
-    cols = [c for c in ("label", "top_k", "cf_label", "name", "seed", "step") if c in frame]
+    cols = [c for c in ("budget_tokens", "label", "top_k", "cf_label", "name", "seed", "step") if c in frame]
     return frame.sort_values(cols, key=lambda s: key.get(s.name, lambda v: v)(s), na_position="last",
                              kind="stable").reset_index(drop=True)
 

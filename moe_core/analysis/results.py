@@ -1,12 +1,13 @@
 """The whole analysis pipeline in one namespace, for notebooks and scripts that want one import
 (``from moe_core.analysis import results``; ``results.run_table``, ``results.write_table``, ...).
 
-The code lives in the pipeline's modules, records -> frames (load) -> statistics (stats) -> LaTeX
-(latex) -> the paper's tables and number macros (tables); this module only looks names up there.
+The code lives in the pipeline's modules, records -> frames (load) -> statistics (stats, frontier) ->
+LaTeX and markdown (latex, markdown) -> the paper's tables, number macros and the README's results
+(tables); this module only looks names up there.
 """
-from . import latex, load, stats, tables
+from . import frontier, latex, load, markdown, stats, tables
 
-PIPELINE = (load, stats, latex, tables)
+PIPELINE = (load, stats, frontier, latex, markdown, tables)
 
 
 def __getattr__(name: str):

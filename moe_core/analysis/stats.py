@@ -1,14 +1,21 @@
-"""Frames -> statistics: seed summaries (mean, s.d., Student-t CI), Welch differences, the check of a
-claimed router ranking, per-config aggregates, the Pareto front, iso-FLOP views and the capacity
-bench's aggregates.
+"""Frames -> statistics: seed summaries (mean, s.d., Student-t CI), paired comparisons of configs
+with Holm's correction (the router ranking per budget, each variant against its main config),
+per-config aggregates, the Pareto front, curves and the capacity bench's aggregates.
 
 Statistics use the rows whose status is ``ok``; every other run stays listed in the run frame with
 its status and error (load.failed_runs).
+
+Pairing: seed s starts from the same initialisation stream and draws the same batches in every
+configuration, so two configs compare by the per-seed differences of a metric over the seeds both
+have: the mean difference, its Student-t 95% CI, and the two-sided paired t-test's p-value. A
+*family* of comparisons is corrected together by Holm's step-down method, and a verdict counts only
+after the correction (adjusted p < ALPHA). The CI printed beside it is the marginal 95% interval.
 """
 from __future__ import annotations
 
 import math
 from functools import cache
+from itertools import combinations
 from typing import Iterable
 
 import numpy as np
@@ -17,35 +24,44 @@ import pandas as pd
 from .load import BENCH_KEYS, BENCH_METRICS, DESCRIPTORS, ROUTING_STATS, cf_order_value, config_keys, sort_rows
 
 RUN_METRICS = ("best_val_ppl", "best_val_loss", "best_val_ppl_noncausal", "best_val_loss_noncausal",
-               "final_val_loss", "median_tokens_per_s", "mfu", *(f"final_{s}" for s in ROUTING_STATS))
+               "final_val_loss", "median_tokens_per_s", "mfu", "train_flops", *(f"final_{s}" for s in ROUTING_STATS))
 EVAL_METRICS = ("val_loss", "val_ppl", "val_loss_noncausal", "train_loss", "tokens_per_s", *ROUTING_STATS)
 CURVE_KEYS = ("step", "tokens", "train_flops")  # per evaluation, equal across the seeds of a config
+CELL = ["name", "budget_tokens"]  # one configuration at one token budget
 FRONT = ("median_tokens_per_s_mean", "best_val_ppl_mean")  # Pareto axes: maximise x, minimise y
 PRIOR_CLAIM = ("expert_choice", "softk", "hash", "topk_hard", "top1")  # the prior ranking to test, best first
+ALPHA = 0.05  # family-wise error rate of every Holm-corrected family
 TRAINED_SOURCE = "trained (Exp. A)"  # Experiment B rows taken from training runs' routing
+_SIMPSON_INTERVALS = 2000
 
 
 @cache
-def t_quantile(p: float, df: int) -> float:
-    """Student-t quantile, without scipy: bisection on the CDF, whose density is integrated with
-    Simpson's rule (error far below the 4 digits a CI needs)."""
+def t_sf(x: float, df: float) -> float:
+    """P(T > x) for Student's t with ``df`` degrees of freedom. scipy is not a dependency, so it is
+    integrated here: with t = sqrt(df) tan(u) the density becomes c cos(u)^(df-1) on (-pi/2, pi/2),
+    bounded and smooth, and Simpson's rule over (atan(x / sqrt(df)), pi/2) gives the tail to ~1e-10
+    for integer df (far below what a CI or a p-value needs), without cancellation in the far tail."""
+    if not (df >= 1 and math.isfinite(x)):
+        raise ValueError(f"t_sf: need a finite x and df >= 1, got x={x}, df={df}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+    u = np.linspace(math.atan(abs(x) / math.sqrt(df)), math.pi / 2, _SIMPSON_INTERVALS + 1)
+    weights = np.ones_like(u)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    tail = c * (u[1] - u[0]) / 3 * float(weights @ np.cos(u) ** (df - 1))
+    return tail if x >= 0 else 1 - tail
+
+
+@cache
+def t_quantile(p: float, df: float) -> float:
+    """Student-t quantile: bisection on t_sf."""
     if not (0.5 <= p < 1 and df >= 1):
         raise ValueError(f"t_quantile: need 0.5 <= p < 1 and df >= 1, got p={p}, df={df}")
-    norm = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-
-    def cdf(x: float) -> float:
-        t = np.linspace(0.0, x, 4001)
-        pdf = norm * (1 + t * t / df) ** (-(df + 1) / 2)
-        weights = np.ones_like(t)
-        weights[1:-1:2], weights[2:-1:2] = 4, 2
-        return 0.5 + (x / 4000 / 3) * float(weights @ pdf)
-
     lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
+    while t_sf(hi, df) > 1 - p:
         lo, hi = hi, hi * 2
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        lo, hi = (mid, hi) if t_sf(mid, df) > 1 - p else (lo, mid)
     return (lo + hi) / 2
 
 
@@ -61,54 +77,108 @@ def summarize(values: Iterable[float]) -> dict:
     return {"mean": mean, "std": std, "n": n, "ci95": ci}
 
 
-def welch_difference(a: dict, b: dict, p: float = 0.975) -> tuple[float, float]:
-    """Difference of means ``a - b`` of two summarize() results and the half-width of its Welch CI
-    (unequal variances, Welch-Satterthwaite degrees of freedom): seeds of different routers need not
-    share a spread. The half-width is NaN unless both sides have two or more values."""
-    diff = a["mean"] - b["mean"]
-    if min(a["n"], b["n"]) < 2:
-        return diff, math.nan
-    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
-    if va + vb == 0:
-        return diff, 0.0
-    df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
-    return diff, t_quantile(p, max(df, 1.0)) * math.sqrt(va + vb)
+def paired_difference(a: pd.Series, b: pd.Series) -> dict:
+    """``b - a`` over the seeds (the index) both have a finite value for: ``n`` seeds, ``a_mean`` and
+    ``b_mean`` over them, the mean difference, its s.d. and Student-t 95% CI half-width, the paired
+    t statistic and its two-sided p-value (NaN below two seeds; 0 or 1 when every difference is equal)."""
+    for side, values in (("a", a), ("b", b)):
+        if not values.index.is_unique:
+            raise ValueError(f"seed: two ok runs of one config share a seed in {side}: {sorted(values.index)}")
+    both = pd.concat([a, b], axis=1, join="inner").astype(float).dropna()
+    d = summarize(both.iloc[:, 1] - both.iloc[:, 0])
+    n, mean, std = d["n"], d["mean"], d["std"]
+    if n < 2:
+        t = p = math.nan
+    elif std == 0:
+        t, p = (math.copysign(math.inf, mean), 0.0) if mean else (0.0, 1.0)
+    else:
+        t = mean / (std / math.sqrt(n))
+        p = min(1.0, 2 * t_sf(abs(t), n - 1))
+    return {"n": n, "a_mean": float(both.iloc[:, 0].mean()) if n else math.nan,
+            "b_mean": float(both.iloc[:, 1].mean()) if n else math.nan,
+            "difference": mean, "difference_std": std, "difference_ci95": d["ci95"], "t": t, "p": p}
 
 
-RANKING_COLUMNS = ("better", "worse", "better_cf", "worse_cf", "better_mean", "better_ci95", "better_n",
-                   "worse_mean", "worse_ci95", "worse_n", "difference", "difference_ci95", "verdict")
+def holm(p_values: Iterable[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values: the i-th smallest of m times (m - i + 1), made monotone,
+    capped at 1. NaN p-values (comparisons that could not be made) stay NaN and do not count in m."""
+    p = np.asarray(list(p_values), dtype=float)
+    adjusted = np.full_like(p, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
 
 
-def ranking_check(runs: pd.DataFrame, order: Iterable[str] = PRIOR_CLAIM, metric: str = "best_val_ppl") -> pd.DataFrame:
-    """Test a claimed router order (best first; ``metric`` lower is better) pair by pair.
+COMPARISON_COLUMNS = ("a", "b", "a_budget_tokens", "b_budget_tokens", "n", "a_mean", "b_mean", "difference",
+                      "difference_std", "difference_ci95", "t", "p", "p_holm", "verdict", "lower")
 
-    Each router stands at its best capacity factor among those every router of ``order`` ran, so no
-    router gains from a setting the others lack (softk's dropless reference is left out). For each
-    adjacent pair (better, worse) of the claim: both configs' seed statistics, the Welch 95% CI of
-    ``worse - better``, and a verdict: ``holds`` (CI above 0), ``reversed`` (CI below 0) or
-    ``unresolved``. Routers without ok runs are skipped; the result is empty below two routers."""
+
+def compare(runs: pd.DataFrame, pairs: list[tuple[tuple, tuple]], metric: str, alpha: float = ALPHA) -> pd.DataFrame:
+    """One family of paired comparisons: for each pair (a, b) of cells (name, budget_tokens), the
+    per-seed ``b - a`` of ``metric`` over the ok runs (paired_difference), Holm-corrected over all
+    ``pairs``. ``verdict``: ``holds`` (a lower than b after the correction), ``reversed`` (higher) or
+    ``unresolved``; ``lower`` names the config found lower ('' when unresolved)."""
     ok = runs[runs["status"] == "ok"]
-    present = [r for r in order if (ok["label"] == r).any()]
-    shared = set.intersection(*(set(ok.loc[ok["label"] == r, "cf_label"]) for r in present)) if present else set()
-    best = {}
-    for router in present:
-        cells = {cf: summarize(ok.loc[(ok["label"] == router) & (ok["cf_label"] == cf), metric])
-                 for cf in sorted(shared, key=cf_order_value)}  # ties go to the lower capacity factor
-        cells = {cf: s for cf, s in cells.items() if s["n"]}
-        if cells:
-            cf = min(cells, key=lambda c: cells[c]["mean"])
-            best[router] = (cf, cells[cf])
-    routers = [r for r in present if r in best]
-    rows = []
-    for better, worse in zip(routers, routers[1:]):
-        (cf_b, b), (cf_w, w) = best[better], best[worse]
-        diff, ci = welch_difference(w, b)
-        verdict = "unresolved" if not math.isfinite(ci) or abs(diff) <= ci else ("holds" if diff > 0 else "reversed")
-        rows.append({"better": better, "worse": worse, "better_cf": cf_b, "worse_cf": cf_w,
-                     "better_mean": b["mean"], "better_ci95": b["ci95"], "better_n": b["n"],
-                     "worse_mean": w["mean"], "worse_ci95": w["ci95"], "worse_n": w["n"],
-                     "difference": diff, "difference_ci95": ci, "verdict": verdict})
-    return pd.DataFrame(rows, columns=list(RANKING_COLUMNS))
+    cells = {cell: group.set_index("seed")[metric] for cell, group in ok.groupby(CELL, sort=False)}
+    empty = pd.Series(dtype=float)
+    rows = [{"a": a[0], "b": b[0], "a_budget_tokens": a[1], "b_budget_tokens": b[1],
+             **paired_difference(cells.get(a, empty), cells.get(b, empty))} for a, b in pairs]
+    frame = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c not in ("p_holm", "verdict", "lower")])
+    frame["p_holm"] = holm(frame["p"])
+    significant = frame["p_holm"] < alpha
+    frame["verdict"] = np.where(significant, np.where(frame["difference"] > 0, "holds", "reversed"), "unresolved")
+    frame["lower"] = np.where(significant, np.where(frame["difference"] > 0, frame["a"], frame["b"]), "")
+    return frame
+
+
+RANKING_COLUMNS = ("budget_tokens", "cf_label", "better", "worse", *COMPARISON_COLUMNS)
+
+
+def ranking_check(runs: pd.DataFrame, order: Iterable[str] = PRIOR_CLAIM, metric: str = "best_val_ppl",
+                  cfs: Iterable[str] | None = None, alpha: float = ALPHA) -> pd.DataFrame:
+    """Test a claimed router order (best first; ``metric`` lower is better) at each token budget.
+
+    The family at a budget: every pair of the claimed routers (not only adjacent ones), at every
+    capacity factor that all of them ran there (or the subset ``cfs``, fixed in advance), each
+    router by its main config (no variant). The CF is thus fixed per comparison, never picked by the
+    results, so there is no selection to correct for; the softk dropless reference is left out.
+    Paired per seed (compare, with a = the claimed better, b = the claimed worse), Holm over the
+    family. One row per budget, CF and pair; empty below two routers."""
+    order = list(order)
+    ok = runs[(runs["status"] == "ok") & (runs["variant"] == "")] if "variant" in runs else runs.iloc[:0]
+    frames = []
+    for budget, group in ok.groupby("budget_tokens", sort=True):
+        present = [r for r in order if (group["label"] == r).any()]
+        shared = set.intersection(*(set(group.loc[group["label"] == r, "cf_label"]) for r in present)) \
+            if len(present) > 1 else set()
+        info, pairs = [], []
+        for cf in sorted(shared & set(cfs) if cfs is not None else shared, key=cf_order_value):
+            names = {r: group.loc[(group["label"] == r) & (group["cf_label"] == cf), "name"].iloc[0] for r in present}
+            for better, worse in combinations(present, 2):
+                info.append({"budget_tokens": budget, "cf_label": cf, "better": better, "worse": worse})
+                pairs.append(((names[better], budget), (names[worse], budget)))
+        if pairs:
+            frames.append(pd.concat([pd.DataFrame(info), compare(runs, pairs, metric, alpha)], axis=1))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(RANKING_COLUMNS))
+
+
+def variant_check(runs: pd.DataFrame, metric: str = "best_val_ppl", alpha: float = ALPHA) -> pd.DataFrame:
+    """Each variant (a config named with a suffix: wider top-1 experts, another hash table, ...)
+    against the main config of its router and CF at the same budget (a = main, b = variant), paired
+    per seed; one Holm family per budget. Variants without a main config are left out."""
+    ok = runs[runs["status"] == "ok"] if "variant" in runs else runs.iloc[:0]
+    frames = []
+    for budget, group in ok.groupby("budget_tokens", sort=True):
+        cells = group.drop_duplicates("name")
+        mains = set(cells.loc[cells["variant"] == "", "name"])
+        pairs = [((base, budget), (name, budget)) for name, variant in zip(cells["name"], cells["variant"])
+                 if variant and (base := name.removesuffix(f" {variant}")) in mains]
+        if pairs:
+            frames.append(compare(runs, pairs, metric, alpha).assign(budget_tokens=budget))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COMPARISON_COLUMNS,
+                                                                                     "budget_tokens"])
 
 
 def aggregate(frame: pd.DataFrame, metrics: Iterable[str], keys: Iterable[str] | None = None,
@@ -132,19 +202,44 @@ def aggregate(frame: pd.DataFrame, metrics: Iterable[str], keys: Iterable[str] |
     return sort_rows(pd.DataFrame(rows, columns=columns))
 
 
-def pareto_front(frame: pd.DataFrame, x: str = FRONT[0], y: str = FRONT[1]) -> pd.DataFrame:
-    """``frame`` with a boolean ``pareto``: no other row has x >= and y <= with one strict
-    (maximise x, e.g. tokens/s; minimise y, e.g. perplexity). Rows missing x or y are never on it."""
-    pts = frame[[x, y]].to_numpy(dtype=float)
-    finite = np.isfinite(pts).all(axis=1)
-    dominated = np.array([(finite & (pts[:, 0] >= px) & (pts[:, 1] <= py)
-                           & ((pts[:, 0] > px) | (pts[:, 1] < py))).any() for px, py in pts], dtype=bool)
-    return frame.assign(pareto=finite & ~dominated if len(frame) else pd.Series(dtype=bool))
+def pareto_front(frame: pd.DataFrame, x: str = FRONT[0], y: str = FRONT[1], by: str = "budget_tokens") -> pd.DataFrame:
+    """``frame`` with a boolean ``pareto``: no other row of its ``by`` group (its budget; the whole
+    frame without that column) has x >= and y <= with one strict (maximise x, e.g. tokens/s;
+    minimise y, e.g. perplexity). Rows missing x or y are never on it."""
+    groups = frame[by].to_numpy() if by in frame else np.zeros(len(frame))
+    return frame.assign(pareto=front_mask(frame[[x, y]].to_numpy(dtype=float)[None], groups)[0]
+                        if len(frame) else pd.Series(dtype=bool))
+
+
+def front_mask(points: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """[R, C] Pareto membership of the points [R, C, 2] (R resamples of C configs; x maximised, y
+    minimised), a config competing only with those of its group (``groups`` [C])."""
+    x, y = points[..., 0], points[..., 1]
+    finite = np.isfinite(points).all(axis=-1)
+    rivals = (groups[:, None] == groups[None, :])[None] & finite[:, None, :]  # [R, C, C']: C' may dominate C
+    x_ge, y_le = x[:, None, :] >= x[:, :, None], y[:, None, :] <= y[:, :, None]
+    strict = (x[:, None, :] > x[:, :, None]) | (y[:, None, :] < y[:, :, None])
+    return finite & ~(rivals & x_ge & y_le & strict).any(axis=-1)
 
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-config aggregate of RUN_METRICS with the Pareto front marked: the results table's frame."""
-    return pareto_front(aggregate(runs, RUN_METRICS))
+    """Per config and budget: RUN_METRICS over seeds, where the best validation loss fell (median
+    step ``best_val_step_median``, and ``n_best_at_end``: seeds whose best was their last
+    evaluation, i.e. still improving), and the Pareto front of its budget: the results table's frame."""
+    table = aggregate(runs, RUN_METRICS)
+    ok = runs[runs["status"] == "ok"]
+    if not table.empty and "best_val_step" in ok:
+        steps = ok.assign(at_end=ok["best_val_step"] == ok["steps_done"]).groupby(CELL, sort=False).agg(
+            best_val_step_median=("best_val_step", "median"), n_best_at_end=("at_end", "sum"))
+        table = table.join(steps, on=CELL)
+    return pareto_front(table)
+
+
+def at_budget(frame: pd.DataFrame, budget: float | None = None) -> pd.DataFrame:
+    """The rows of one token budget (default: the largest, the headline budget of the tables)."""
+    if "budget_tokens" not in frame or frame.empty:
+        return frame
+    return frame[frame["budget_tokens"] == (frame["budget_tokens"].max() if budget is None else budget)]
 
 
 def curves(evals: pd.DataFrame) -> pd.DataFrame:
@@ -154,22 +249,24 @@ def curves(evals: pd.DataFrame) -> pd.DataFrame:
 
 def loss_at_flops(curve: pd.DataFrame, budget: float | None = None,
                   metric: str = "val_loss_mean") -> tuple[float, pd.DataFrame]:
-    """(budget, per-config ``metric`` at ``budget`` training FLOPs), interpolated linearly in
-    log FLOPs between evaluations. Default budget: the largest every config reached (the smallest
-    of their final FLOPs), so no value is extrapolated; a config that did not reach it gets NaN."""
-    cols = ["name", "label", "cf_label", f"{metric}_at_budget"]
+    """(budget, per config and token budget ``metric`` at ``budget`` training FLOPs), interpolated
+    linearly in log FLOPs between evaluations. Default budget: the largest every curve reached (the
+    smallest of their final FLOPs), so no value is extrapolated; a curve that did not reach it gets
+    NaN. For figures only: a point inside a schedule is not a finished run (the learning rate is
+    still high), so compute-matched claims compare ends of schedules (frontier.iso_flop_check)."""
+    cols = ["name", "budget_tokens", "label", "cf_label", f"{metric}_at_budget"]
     curve = curve.dropna(subset=["train_flops", metric])
     if curve.empty:
         return math.nan, pd.DataFrame(columns=cols)
-    by = curve.groupby("name", sort=False)
+    by = curve.groupby([c for c in CELL if c in curve], sort=False, dropna=False)
     budget = float(by["train_flops"].max().min()) if budget is None else budget
     rows = []
-    for name, group in by:
+    for _, group in by:
         group = group.sort_values("train_flops")
         flops = group["train_flops"].to_numpy(float)
         inside = flops[0] <= budget <= flops[-1]
         value = float(np.interp(np.log(budget), np.log(flops), group[metric])) if inside else math.nan
-        rows.append([name, group["label"].iloc[0], group["cf_label"].iloc[0], value])
+        rows.append([group[c].iloc[0] if c in group else None for c in cols[:-1]] + [value])
     return budget, pd.DataFrame(rows, columns=cols)
 
 
@@ -182,9 +279,11 @@ def bench_table(bench: pd.DataFrame) -> pd.DataFrame:
 
 
 def trained_drop_rates(runs: pd.DataFrame) -> pd.DataFrame:
-    """Experiment A's drop rates (last eval interval, mean over seeds) per router, E, k and CF, shaped
-    like bench_table rows with source TRAINED_SOURCE: what trained routers drop, next to the
-    random and skewed logits of the bench. Routing groups differ: the training micro-batch there."""
+    """Experiment A's drop rates (last eval interval, mean over seeds, at the largest token budget)
+    per router, E, k and CF, shaped like bench_table rows with source TRAINED_SOURCE: what trained
+    routers drop, next to the random and skewed logits of the bench. Routing groups differ: the
+    training micro-batch there."""
+    runs = at_budget(runs)
     moe = runs[(runs["label"] != "dense") & runs["label"].notna()] if "label" in runs else runs.iloc[:0]
     keys = ["router", "num_experts", "top_k", "cf_label"]
     table = aggregate(moe.rename(columns={"final_drop_rate": "drop_rate", "final_token_drop_rate": "token_drop_rate"}),

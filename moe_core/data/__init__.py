@@ -4,13 +4,16 @@ Why this shape: every run must see the same text, the same tokens and the same b
 given config and seed (also across DDP ranks and resumes), evaluation must be cheap and
 comparable across tokenizers (loss per token and bits per byte), and CI must work offline.
 
-The pipeline, one module per stage: ``corpus`` parses the spec and reads and splits the stories
-(``synthetic`` generates the offline corpus), ``tokenizers`` turns text into ids, ``cache`` stores
+The pipeline, one module per stage: ``corpus`` parses the spec and reads the stories or paragraphs
+(``synthetic`` generates the offline corpus), ``splits`` holds them out story-disjointly (and
+measures the leak), ``tokenizers`` turns text into ids, ``cache`` stores
 tokens and trained tokenizers on disk; here, ``load_data`` ties them together for a
 :class:`DataConfig` and :class:`TokenData` cuts the token streams into batches.
 
-The token stream of a split is its stories, each followed by DOC_SEP, so all tokenizers see the
-same bytes and bits per byte compare across them.
+The token stream of a split is its documents (stories, or paragraphs of unmarked text), each
+followed by DOC_SEP, so all tokenizers see the same bytes and bits per byte compare across them.
+The record (``TokenData.meta``) says which: ``split`` = {method, unit, val_fraction, boundary} and
+per split n_units, n_stories (exact for stories, story starts found for paragraphs).
 
 Legend: B batch, S seq len, T tokens, W windows.
 """
@@ -31,18 +34,20 @@ from .cache import CACHE_VERSION, digest, read_token_cache, token_dtype, tokeniz
 from .corpus import (
     SPLITS,
     CorpusSource,
+    CorpusSplit,
     format_stories,
     load_corpus,
     parse_corpus,
+    read_split,
     read_stories,
     source_files,
-    split_stories,
 )
+from .splits import SPLIT_METHODS, is_story_start, rare_word_leak, split_stories
 from .tokenizers import CharTokenizer, HFTokenizer, Tokenizer, parse_tokenizer
 
-__all__ = ["DOC_SEP", "SPLITS", "CharTokenizer", "DataConfig", "HFTokenizer", "TokenData", "Tokenizer",
-           "format_stories", "load_corpus", "load_data", "read_stories", "read_token_cache", "split_stories",
-           "token_dtype", "write_token_cache"]
+__all__ = ["DOC_SEP", "SPLITS", "SPLIT_METHODS", "CharTokenizer", "DataConfig", "HFTokenizer", "TokenData",
+           "Tokenizer", "format_stories", "is_story_start", "load_corpus", "load_data", "rare_word_leak", "read_split",
+           "read_stories", "read_token_cache", "split_stories", "token_dtype", "write_token_cache"]
 
 DOC_SEP = "\n\n"
 
@@ -53,7 +58,9 @@ def _is_int(value) -> bool:
 
 @dataclass
 class DataConfig:
-    """What text, which tokens, how long the windows; seed drives the synthetic corpus and the split."""
+    """What text, which tokens, how long the windows; seed drives the synthetic corpus and the hash
+    split. ``split_method``: "auto" (hash for stories, block for paragraphs), "hash" or "block"
+    (moe_core.data.splits); eval_windows above the validation split's windows means all of them."""
 
     corpus: str = "synthetic"
     tokenizer: str = "char"
@@ -63,6 +70,7 @@ class DataConfig:
     synthetic_chars: int = 2_000_000
     max_stories: int | None = None
     val_fraction: float = 0.05
+    split_method: str = "auto"
     eval_windows: int = 64
     seed: int = 0
 
@@ -79,6 +87,8 @@ class DataConfig:
                 "DataConfig.max_stories", f"must be None or an int >= 1, got {self.max_stories!r}")
         require(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1,
                 "DataConfig.val_fraction", f"must be a number in (0, 1), got {self.val_fraction!r}")
+        require(self.split_method in SPLIT_METHODS, "DataConfig.split_method",
+                f"unknown {self.split_method!r}; valid: {', '.join(SPLIT_METHODS)}")
         require(_is_int(self.seed) and self.seed >= 0, "DataConfig.seed", f"must be an int >= 0, got {self.seed!r}")
         require(isinstance(self.cache_dir, str) and bool(self.cache_dir), "DataConfig.cache_dir",
                 f"must be a non-empty path, got {self.cache_dir!r}")
@@ -90,7 +100,7 @@ def _corpus_key(cfg: DataConfig, source: CorpusSource) -> dict:
     return {"version": CACHE_VERSION, "corpus": cfg.corpus, "files": files,
             "generator_sha": hashlib.sha256(generator).hexdigest()[:16],
             "synthetic_chars": cfg.synthetic_chars, "max_stories": cfg.max_stories,
-            "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+            "val_fraction": cfg.val_fraction, "split_method": cfg.split_method, "seed": cfg.seed}
 
 
 def _load_tokenizer(cfg: DataConfig, corpus_key: dict, train_docs: Callable[[], list[str]]) -> Tokenizer:
@@ -109,18 +119,21 @@ def _load_tokenizer(cfg: DataConfig, corpus_key: dict, train_docs: Callable[[], 
 
 
 def _split_tokens(cfg: DataConfig, corpus_key: dict, tok: Tokenizer, split: str,
-                  docs: Callable[[str], list[str]]) -> tuple[np.memmap, dict]:
+                  read: Callable[[str], CorpusSplit]) -> tuple[np.memmap, dict]:
     """Cached tokens of one split, rebuilt when the metadata does not match this config."""
     key = {**corpus_key, "split": split, "tokenizer": cfg.tokenizer,
            "tokenizer_sha": hashlib.sha256(tok.to_json().encode()).hexdigest()[:16]}
     stem = tokens_stem(cfg.cache_dir, split, key)
     cached = read_token_cache(stem, key)
     if cached is None:
-        split_docs = docs(split)
+        part = read(split)
+        split_docs = [d + DOC_SEP for d in part.docs]
         ids_T = tok.encode_docs(split_docs)
         meta = {"key": key, "vocab_size": tok.vocab_size, "n_tokens": len(ids_T),
-                "n_bytes": sum(len(d.encode()) for d in split_docs), "n_stories": len(split_docs),
-                "unk_count": 0 if tok.unk_id is None else int((ids_T == tok.unk_id).sum())}
+                "n_bytes": sum(len(d.encode()) for d in split_docs), "unit": part.unit, "n_units": len(split_docs),
+                "n_stories": part.n_stories, "unk_count": 0 if tok.unk_id is None else int((ids_T == tok.unk_id).sum()),
+                "split": {"method": part.method, "unit": part.unit, "val_fraction": cfg.val_fraction,
+                          "boundary": part.boundary}}
         cached = write_token_cache(stem, ids_T, meta)
     tokens_T, meta = cached
     require(len(tokens_T) >= cfg.seq_len + 1, "corpus", f"the {split} split of {cfg.corpus!r} has {len(tokens_T)} "
@@ -153,10 +166,16 @@ class TokenData:
         n_eval = min(cfg.eval_windows, slots)
         self.eval_starts_W = (np.arange(n_eval) * slots // n_eval) * (cfg.seq_len + 1)
         self.meta = {**asdict(cfg), "config_vocab_size": cfg.vocab_size, "vocab_size": self.vocab_size,
-                     "eval_windows_used": n_eval,
+                     "eval_windows_used": n_eval, "eval_coverage": n_eval * (cfg.seq_len + 1) / len(self.val_T),
                      "val_bytes_per_token": self.val_bytes_per_token, "val_unk_count": self.val_unk_count,
-                     "splits": {s: {k: v for k, v in m.items() if k != "key"} for s, (_, m) in splits.items()},
+                     "split": val_meta["split"],
+                     "splits": {s: {k: v for k, v in m.items() if k not in ("key", "split")}
+                                for s, (_, m) in splits.items()},
                      "cache_key": digest(train_meta["key"])}
+
+    def train_token_counts(self) -> np.ndarray:
+        """[V] count of each token id in the train split (what a frequency-balanced hash table balances)."""
+        return np.bincount(np.asarray(self.train_T), minlength=self.vocab_size)
 
     def train_batch(self, step: int, batch_size: int, seed: int, rank: int = 0,
                     world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,12 +204,11 @@ def load_data(cfg: DataConfig) -> TokenData:
     corpus_key = _corpus_key(cfg, source)  # raises FileNotFoundError before any expensive work
 
     @functools.cache  # (functools by name: ``cache`` is the sibling module)
-    def docs(split: str) -> list[str]:
-        stories = load_corpus(cfg.corpus, split, cache_dir=cfg.cache_dir, max_stories=cfg.max_stories,
-                              val_fraction=cfg.val_fraction, seed=cfg.seed,
-                              synthetic_chars=cfg.synthetic_chars)
-        return [s + DOC_SEP for s in stories]
+    def read(split: str) -> CorpusSplit:
+        return read_split(cfg.corpus, split, cache_dir=cfg.cache_dir, max_stories=cfg.max_stories,
+                          val_fraction=cfg.val_fraction, seed=cfg.seed, synthetic_chars=cfg.synthetic_chars,
+                          split_method=cfg.split_method)
 
-    tok = _load_tokenizer(cfg, corpus_key, lambda: docs("train"))
-    return TokenData(cfg, tok, {s: _split_tokens(cfg, corpus_key, tok, s, docs) for s in SPLITS})
+    tok = _load_tokenizer(cfg, corpus_key, lambda: [d + DOC_SEP for d in read("train").docs])
+    return TokenData(cfg, tok, {s: _split_tokens(cfg, corpus_key, tok, s, read) for s in SPLITS})
 

@@ -4,8 +4,8 @@ Under the cache directory, each file name carries a digest of everything its con
 (its key), so a changed corpus, config or tokenizer gets a new file and never a stale one:
   tokenizer-<kind>-<digest>.json    a trained char or bpe tokenizer (its own JSON)
   tokens-<split>-<digest>.bin       the split's token ids, raw uint16 (or uint32 above 65536 ids)
-  tokens-<split>-<digest>.json      metadata: key, vocab_size, dtype, n_tokens, n_bytes, n_stories,
-                                    unk_count; written last, so it marks the pair complete
+  tokens-<split>-<digest>.json      metadata: key, vocab_size, dtype, n_tokens, n_bytes, unit, n_units,
+                                    n_stories, unk_count, split; written last, so it marks the pair complete
 Every file is written atomically (records.atomic_write).
 
 Legend: T tokens.
@@ -18,7 +18,7 @@ import numpy as np
 
 from ..records import atomic_write
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: unmarked text is split by a block at a story start; meta says the unit
 
 
 def digest(obj) -> str:

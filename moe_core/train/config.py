@@ -95,9 +95,9 @@ COMPONENT_FIELDS = {
     "model (ModelConfig; hidden: MoEConfig)": ("dim", "layers", "heads", "hidden", "dropout", "ffn", "moe_every"),
     "MoE (MoEConfig)": ("num_experts", "top_k", "router", "capacity_factor", "drop_policy", "renormalize",
                         "backend", "activation", "aux_loss_coef", "z_loss_coef", "aux_free_bias", "bias_update_rate",
-                        "hash_seed"),
-    "data (DataConfig)": ("corpus", "tokenizer", "bpe_vocab_size", "seq_len", "eval_windows", "max_stories",
-                          "synthetic_chars", "data_seed", "cache_dir"),
+                        "hash_seed", "hash_balance", "ec_group"),
+    "data (DataConfig)": ("corpus", "tokenizer", "bpe_vocab_size", "seq_len", "val_fraction", "split_method",
+                          "eval_windows", "max_stories", "synthetic_chars", "data_seed", "cache_dir"),
 }
 # Component field -> flat name, where they differ: the model's vocabulary comes from the data, so the
 # flat vocabulary size is the BPE tokenizer's; the data's seed is not the training seed.
@@ -211,7 +211,11 @@ class TrainConfig(_TrainFields):
         return {name: getattr(self, flat) for name, flat in names.items() if flat in _EXPOSED}
 
     def moe_config(self) -> MoEConfig:
-        return MoEConfig(**self._values(MoEConfig))
+        """The MoE layer's config; hash_seed None (the default) becomes the run's seed, so that the
+        hash table is drawn anew with each replicate."""
+        values = self._values(MoEConfig)
+        values["hash_seed"] = self.seed if values["hash_seed"] is None else values["hash_seed"]
+        return MoEConfig(**values)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(**self._values(ModelConfig), vocab_size=vocab_size, moe=self.moe_config())

@@ -120,10 +120,13 @@ class _Trainer:
 
     # records -------------------------------------------------------------------------------------
     def _write_config(self) -> None:
+        moe = self.model.cfg.moe  # the hash table's effective seed (layer i draws seed + i), None without one
+        hash_seed = moe.hash_seed if moe.router == "hash" and self.model.moe_layers() else None
         record = {"config": asdict(self.cfg), "run": self.cfg.run_name, "seed": self.cfg.seed,
                   "git": rr.git_commit(), "env": rr.environment(self.ctx.device), "world_size": self.ctx.world,
                   "data": self.data.meta, "model": {"params": self.n_params, "vocab_size": self.data.vocab_size,
-                                                    "train_flops_per_token": self.flops_per_token}}
+                                                    "train_flops_per_token": self.flops_per_token,
+                                                    "hash_seed": hash_seed}}
         rr.write_json(self.run_dir / rr.CONFIG_FILE, record)
 
     def _summary(self, status: str, error: str | None = None, trace: str | None = None) -> dict:
@@ -192,7 +195,8 @@ class _Trainer:
             self.data = load_data(cfg.data_config())
         seed_everything(cfg.seed)
         model_cfg = cfg.model_config(self.data.vocab_size)
-        self.model = TinyMoEModel(model_cfg).to(ctx.device)
+        counts = self.data.train_token_counts() if model_cfg.moe.hash_balance == "frequency" else None
+        self.model = TinyMoEModel(model_cfg, counts).to(ctx.device)
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = train_flops_per_token(model_cfg)
         self.opt = _optimizer(self.model, cfg, ctx.device)

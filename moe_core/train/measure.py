@@ -12,10 +12,13 @@ import time
 import numpy as np
 import torch
 
+from ..config import EC_EVAL_MODES
 from ..model import TinyMoEModel
+from ..routing import mutual_information
 from .distributed import Dist
 
-STAT_FIELDS = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy")
+STAT_FIELDS = ("aux_loss", "z_loss", "drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy", "p1_mean",
+               "p1_over_half")
 
 
 # -- on-device accumulation -------------------------------------------------------------------------
@@ -105,25 +108,31 @@ class StepTimer:
 @torch.no_grad()
 def evaluate(model: TinyMoEModel, data, batch_size: int, ctx: Dist, autocast) -> dict:
     """Validation loss (nats/token), perplexity and bits per byte over the fixed eval windows,
-    sharded over ranks. expert_choice is evaluated causally (headline) and non-causally (suffix)."""
-    modes = ("causal", "noncausal") if model.cfg.moe.router == "expert_choice" else ("causal",)
+    sharded over ranks. expert_choice is evaluated under every eval rule: causal (headline),
+    noncausal and prefix (suffixes). token_expert_mi: I(token id; chosen expert) per MoE layer
+    (routing.mutual_information) from the counts of the causal evaluation, and its layer mean."""
+    modes = EC_EVAL_MODES if model.cfg.moe.router == "expert_choice" else ("causal",)
     model.eval()
     row = {}
     for mode in modes:
         model.set_expert_choice_eval(mode)
         loss_sum, tokens = torch.zeros((), device=ctx.device), 0
-        for i, (x_BS, y_BS) in enumerate(data.eval_batches(batch_size)):
-            if i % ctx.world != ctx.rank:
-                continue
-            with autocast():
-                out = model(x_BS.to(ctx.device), y_BS.to(ctx.device))
-            loss_sum += out.loss.float() * y_BS.numel()
-            tokens += y_BS.numel()
+        with model.counting_assignments() as counts_LVE:
+            for i, (x_BS, y_BS) in enumerate(data.eval_batches(batch_size)):
+                if i % ctx.world != ctx.rank:
+                    continue
+                with autocast():
+                    out = model(x_BS.to(ctx.device), y_BS.to(ctx.device))
+                loss_sum += out.loss.float() * y_BS.numel()
+                tokens += y_BS.numel()
         sums_2 = ctx.all_reduce(torch.stack([loss_sum, torch.tensor(float(tokens), device=ctx.device)]))
         loss = (sums_2[0] / sums_2[1]).item()
-        suffix = "" if mode == "causal" else "_noncausal"
+        suffix = "" if mode == "causal" else f"_{mode}"
         row |= {f"val_loss{suffix}": loss, f"val_ppl{suffix}": math.exp(min(loss, 700)),
                 f"val_bpb{suffix}": loss / math.log(2) / data.val_bytes_per_token}
+        if mode == "causal" and len(counts_LVE):
+            mi_L = [float(mutual_information(c)) for c in ctx.all_reduce(counts_LVE)]
+            row |= {"token_expert_mi": sum(mi_L) / len(mi_L), "eval_layer_stats": {"token_expert_mi": mi_L}}
     model.set_expert_choice_eval("causal")
     model.train()
     return row
