@@ -11,6 +11,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
@@ -29,6 +30,10 @@ from .distributed import Dist, peak_memory_bytes, rng_state, seed_everything, se
 from .measure import Interval, StepTimer, evaluate
 
 FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
+# Inductor warnings a user cannot act on (each names a file of the torch install): TF32 stays off on
+# purpose, as the router's logits are IEEE float32 (routing.py), and online softmax is inductor's choice.
+for _message in ("TensorFloat32 tensor cores", "\\s*Online softmax is disabled"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 
 
 @dataclass
@@ -93,7 +98,7 @@ def train(cfg: TrainConfig) -> RunResult:
         done = _existing_run(cfg)
         if done is not None:
             if ctx.main:
-                print(f"{done.run_dir}: already {done.status}, not retrained", file=sys.stderr)
+                print(f"{done.run_dir}: already {done.status}, not retrained")  # news, not a warning
             return done
         ctx.barrier()  # every rank has checked the directory before rank 0 writes to it
         return _Trainer(cfg, ctx).run()
@@ -240,7 +245,7 @@ class _Trainer:
         log_loss = torch.zeros((), device=ctx.device)
         t_log, log_steps = time.perf_counter(), 0
         with tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress),
-                  desc=cfg.run_name, dynamic_ncols=True) as bar:
+                  desc=cfg.run_name, dynamic_ncols=True, file=sys.stdout) as bar:  # progress, not a warning
             while self.step < stop:
                 step = self.step
                 if step > first_step:  # a session's first step warms up (allocation, compilation)

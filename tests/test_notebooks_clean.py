@@ -1,0 +1,87 @@
+"""Committed notebooks that reading does not change and that show nothing a reader cannot use.
+
+notebooks/: no outputs (``make strip`` clears them) and the metadata JupyterLab writes when it saves
+(kernelspec and ipykernel's language_info), so opening, running and saving one leaves ``git status``
+clean once stripped. executed/: the archive of runs, outputs kept, but none naming a file of the
+machine that ran it (a warning's source line). Neither cites an issue tracker.
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+EXECUTED = sorted((ROOT / "executed").rglob("*.ipynb"))
+# What JupyterLab 4 writes on save with the ipykernel kernel; only the Python version is the machine's.
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
+                 "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
+                 "pygments_lexer": "ipython3"}
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:opt|home|root|usr|work|tmp|var|Users)/\S+|site-packages|[A-Z]:\\\\")
+ISSUE = re.compile(r"\bissues?\s*#?\d+\b|(?<![\w&#])#\d+\b", re.IGNORECASE)
+
+
+def read(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(path, as_version=4)
+
+
+def strip_hint(path: Path) -> str:
+    return f"{path.relative_to(ROOT)}: committed with outputs; clear them with `make strip`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    ran = [i for i, c in enumerate(read(path).cells)
+           if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not ran, f"{strip_hint(path)} (cells {ran})"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_metadata_is_what_jupyterlab_writes(path):
+    meta = read(path).metadata
+    info = dict(meta.get("language_info", {}))
+    assert meta.get("kernelspec") == KERNELSPEC, path.name
+    assert re.fullmatch(r"3\.\d+\.\d+", info.pop("version", "")), f"{path.name}: language_info.version"
+    assert info == LANGUAGE_INFO, path.name
+    assert set(meta) == {"kernelspec", "language_info"}, f"{path.name}: extra metadata {set(meta)}"
+
+
+def test_make_strip_restores_the_committed_bytes(tmp_path):
+    """What ``make strip`` runs, on a notebook that JupyterLab ran and saved: back to the committed file."""
+    source = ROOT / "notebooks" / "train.ipynb"
+    nb = read(source)
+    for n, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = n + 1
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="ran\n")]
+    ran = tmp_path / source.name
+    nbformat.write(nb, ran)
+    subprocess.run([sys.executable, "-m", "nbconvert", "--log-level=WARN", "--clear-output", "--inplace", str(ran)],
+                   check=True)
+    assert ran.read_text() == source.read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + EXECUTED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_issue_citations(path):
+    cited = [m.group() for c in read(path).cells for m in ISSUE.finditer(c.source)]
+    assert not cited, f"{path.relative_to(ROOT)} cites {cited}"
+
+
+def output_texts(cell) -> list[str]:
+    """The text a code cell shows: streams and the text/* parts of rich outputs (not images)."""
+    texts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            texts.append(out.text)
+        else:
+            texts += [v for k, v in out.get("data", {}).items() if k.startswith("text/")]
+    return texts
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_executed_notebook_shows_no_machine_path(path):
+    shown = [t for c in read(path).cells for t in output_texts(c) if MACHINE_PATH.search(t)]
+    assert not shown, f"{path.relative_to(ROOT)}: an output names a file of the machine that ran it: {shown[0][:200]!r}"
