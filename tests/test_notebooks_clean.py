@@ -3,15 +3,20 @@
 notebooks/: no outputs (``make strip`` clears them) and the metadata JupyterLab writes when it saves
 (kernelspec and ipykernel's language_info), so opening, running and saving one leaves ``git status``
 clean once stripped. executed/: the archive of runs, outputs kept, but none naming a file of the
-machine that ran it (a warning's source line). Neither cites an issue tracker.
+machine that ran it (a warning's source line). Neither cites an issue tracker. And what train.ipynb
+prints is on stdout: a stderr output is a red box in JupyterLab, kept for what needs the reader.
 """
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from moe_core.train import TrainConfig, train
+from moe_core.train.loop import quiet_inductor
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -85,3 +90,23 @@ def output_texts(cell) -> list[str]:
 def test_executed_notebook_shows_no_machine_path(path):
     shown = [t for c in read(path).cells for t in output_texts(c) if MACHINE_PATH.search(t)]
     assert not shown, f"{path.relative_to(ROOT)}: an output names a file of the machine that ran it: {shown[0][:200]!r}"
+
+
+def test_training_progress_and_run_reuse_go_to_stdout(tmp_path, capfd):
+    cfg = TrainConfig(dim=16, layers=1, heads=2, hidden=16, seq_len=16, batch_size=4, eval_windows=2, steps=2,
+                      warmup=1, eval_interval=2, synthetic_chars=20_000, progress=True, out_dir=str(tmp_path / "runs"),
+                      cache_dir=str(tmp_path / "cache"))
+    train(cfg)
+    first = capfd.readouterr()
+    assert "2/2" in first.out and first.err == ""
+    assert train(cfg).status == "ok"
+    again = capfd.readouterr()
+    assert "already ok, not retrained" in again.out and again.err == ""
+
+
+def test_inductor_warnings_a_user_cannot_act_on_are_silenced():
+    with warnings.catch_warnings(record=True) as seen, quiet_inductor():
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled.")
+        warnings.warn("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.")
+        warnings.warn("any other warning")
+    assert [str(w.message) for w in seen] == ["any other warning"]

@@ -32,8 +32,16 @@ from .measure import Interval, StepTimer, evaluate
 FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
 # Inductor warnings a user cannot act on (each names a file of the torch install): TF32 stays off on
 # purpose, as the router's logits are IEEE float32 (routing.py), and online softmax is inductor's choice.
-for _message in ("TensorFloat32 tensor cores", "\\s*Online softmax is disabled"):
-    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+INDUCTOR_NOISE = ("TensorFloat32 tensor cores", "\\s*Online softmax is disabled")
+
+
+@contextlib.contextmanager
+def quiet_inductor():
+    """Training with INDUCTOR_NOISE ignored; every other warning still shows."""
+    with warnings.catch_warnings():
+        for message in INDUCTOR_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
 
 
 @dataclass
@@ -224,7 +232,8 @@ class _Trainer:
             if self.ctx.main and self.step == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._write_config()
-            return self._loop()
+            with quiet_inductor():  # compilation happens at the first step
+                return self._loop()
         except Diverged as err:
             if self.ctx.main:
                 tqdm.write(f"{self.run_dir}: DIVERGED: {err}; records kept, stopping", file=sys.stderr)
