@@ -3,9 +3,11 @@
 notebooks/: no outputs (``make strip`` clears them) and the metadata JupyterLab writes when it saves
 (kernelspec and ipykernel's language_info), so opening, running and saving one leaves ``git status``
 clean once stripped. executed/: the archive of runs, outputs kept, but none naming a file of the
-machine that ran it (a warning's source line). Neither cites an issue tracker. And what train.ipynb
-prints is on stdout: a stderr output is a red box in JupyterLab, kept for what needs the reader.
+machine that ran it (a warning's source line). Neither cites an issue tracker. What train.ipynb
+prints is on stdout: a stderr output is a red box in JupyterLab, kept for what needs the reader. The
+analysis notebooks show figures at one screen scale, legends that name their dashes and rounded tables.
 """
+import json
 import re
 import subprocess
 import sys
@@ -13,8 +15,10 @@ import warnings
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 
+from moe_core.analysis import plots, view
 from moe_core.train import TrainConfig, train
 from moe_core.train.loop import quiet_inductor
 
@@ -110,3 +114,36 @@ def test_inductor_warnings_a_user_cannot_act_on_are_silenced():
         warnings.warn("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.")
         warnings.warn("any other warning")
     assert [str(w.message) for w in seen] == ["any other warning"]
+
+
+# -- what the analysis notebooks show ------------------------------------------------------------------
+def test_table_for_reading():
+    frame = pd.DataFrame({"name": ["a", "b", "c"], "tokens_per_s": [3476584.2, 2490738.0, 4074522.9],
+                          "ppl": [4.313547, 3.5, float("nan")], "empty": [float("nan")] * 3, "n": [5, 5, 4],
+                          "verdict": ["holds", "unresolved", "reversed"]})
+    shown = view.table(frame, max_rows=2)
+    html = shown.to_html()
+    assert list(shown.data.columns) == ["verdict", "name", "tokens_per_s", "ppl", "n"]  # empty column gone
+    assert ">3,476,584<" in html and ">4.31<" in html and ">3.50<" in html and "first 2 of 3 rows" in html
+    assert ">tokens per s<" in html and len(shown.data) == 2
+    empty = view.table(frame.iloc[:0]).data  # nothing to list: the header still says what would be
+    assert list(empty.columns) == ["verdict", "name", "tokens_per_s", "ppl", "empty", "n"]
+
+
+def test_figures_show_at_one_scale(tmp_path):
+    """A figure twice as wide shows twice as wide: SCREEN_SCALE pixels per point, whatever its size."""
+    import altair as alt
+
+    for width in (100, 200):
+        chart = alt.Chart(pd.DataFrame({"x": [1, 2]})).mark_point().encode(x="x:Q").properties(width=width, height=50)
+        image = view.figure(chart, f"w{width}", tmp_path)
+        points = float(re.search(r'<svg[^>]* width="([\d.]+)"', (tmp_path / f"w{width}.svg").read_text()).group(1))
+        assert image.width == pytest.approx(points * view.SCREEN_SCALE, abs=2)
+
+
+def test_capacity_legend_names_each_dash():
+    curve = pd.DataFrame({"name": ["top1 cf1.0", "top1 cf1.25"], "label": ["top1", "top1"],
+                          "cf_label": ["1.0", "1.25"], "tokens": [100, 100], "step": [1, 1],
+                          "val_loss_mean": [2.0, 1.9], "val_loss_std": [0.1, 0.1]})
+    spec = json.dumps(plots.training_curve_chart(curve).to_dict())
+    assert "CF 1.0 (solid)" in spec and "CF 1.25 (dashed)" in spec and '"symbolType": "stroke"' in spec

@@ -20,6 +20,7 @@ from . import plots
 SCREEN_SCALE = 2  # screen pixels per point: 8 pt labels at 16 px; a page-wide figure ~950 px wide
 SIGNIFICANT = 3  # digits kept in a float column (set by its largest magnitude)
 FIRST_COLUMNS = ("verdict", "name")  # what a row is about, before its numbers
+MAX_ROWS = 30  # a longer table shows its first rows and says how many there are
 MISSING = "–"
 NO_WRAP = [{"selector": "td", "props": "white-space: nowrap;"}]  # a row reads on one line
 
@@ -44,13 +45,16 @@ def _decimals(column: pd.Series) -> int:
     return max(0, min(6, SIGNIFICANT - 1 - math.floor(math.log10(largest))))
 
 
-def table(frame: pd.DataFrame, first: tuple[str, ...] = FIRST_COLUMNS):
+def table(frame: pd.DataFrame, first: tuple[str, ...] = FIRST_COLUMNS, max_rows: int = MAX_ROWS):
     """``frame`` styled for reading: all-missing columns dropped, ``first`` columns leading, numbers
-    rounded per column with thousands separators, missing cells as a dash, headers that wrap, no index."""
+    rounded per column with thousands separators, missing cells as a dash, headers that wrap, no index,
+    at most ``max_rows`` rows (the caption says how many there are)."""
     if len(frame):  # an empty frame keeps its columns: they say what would be listed
         frame = frame.dropna(axis=1, how="all")
     lead = [c for c in first if c in frame.columns]
     frame = frame[lead + [c for c in frame.columns if c not in lead]].reset_index(drop=True)
+    rows = len(frame)
+    frame = frame.head(max_rows)
     formats = {}
     for col in frame.columns:
         if pd.api.types.is_bool_dtype(frame[col]):
@@ -59,6 +63,7 @@ def table(frame: pd.DataFrame, first: tuple[str, ...] = FIRST_COLUMNS):
             formats[col] = "{:,}"
         elif pd.api.types.is_float_dtype(frame[col]):
             formats[col] = f"{{:,.{_decimals(frame[col])}f}}"
-    return (frame.style.format(formats, na_rep=MISSING).hide(axis="index")
-            .format_index(lambda name: str(name).replace("_", " "), axis=1)  # headers wrap at the spaces
-            .set_table_styles(NO_WRAP))
+    styled = (frame.style.format(formats, na_rep=MISSING).hide(axis="index")
+              .format_index(lambda name: str(name).replace("_", " "), axis=1)  # headers wrap at the spaces
+              .set_table_styles(NO_WRAP))
+    return styled.set_caption(f"first {max_rows} of {rows} rows") if rows > max_rows else styled
