@@ -32,11 +32,12 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi; exit $$rc
 
 # JupyterLab at the study: installs the `notebooks` extra (JupyterLab) into the venv, serves the repository
-# (its root: the working directory) on loopback and opens notebooks/. PORT and ARGS go to jupyter lab; headless, e.g. for a browser test:
+# (the working directory) on 127.0.0.1:PORT and opens notebooks/. ARGS go to jupyter lab; headless, e.g.
 #   make lab PORT=8899 ARGS="--no-browser --IdentityProvider.token=secret"
 PORT ?= 8888
 ARGS ?=
-LAB_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)  # jupyter refuses root without it (containers)
+# jupyter refuses to run as root (containers) without --allow-root
+LAB_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 $(VENV)/.lab-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev,notebooks]"
 	touch $@
