@@ -1,5 +1,5 @@
-# Two entry points for a newcomer (see README): `make smoke` and `make test`.
-# Both create .venv on first use and install the project into it.
+# Entry points for a newcomer (see README): `make smoke`, `make test` and `make lab`.
+# Each creates .venv on first use and installs the project into it.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install smoke test notebook-params paper paper-inputs paper-clean
+.PHONY: install smoke test lab strip notebook-params paper paper-inputs paper-clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,26 @@ test: install
 	$(BIN)/ruff check moe_core tests
 	$(BIN)/python -m pytest -q tests --nbval notebooks; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi; exit $$rc
+
+# JupyterLab at the study: installs the `notebooks` extra (JupyterLab) into the venv, serves the repository
+# (the working directory) on 127.0.0.1:PORT and opens notebooks/. ARGS go to jupyter lab; headless, e.g.
+#   make lab PORT=8899 ARGS="--no-browser --IdentityProvider.token=secret"
+PORT ?= 8888
+ARGS ?=
+# jupyter refuses to run as root (containers) without --allow-root
+LAB_AS_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+$(VENV)/.lab-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,notebooks]"
+	touch $@
+
+lab: $(VENV)/.lab-installed
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(PORT) --LabApp.default_url=/lab/tree/notebooks \
+		$(LAB_AS_ROOT) $(ARGS)
+
+# Clear the outputs and execution counts that a run in JupyterLab leaves in notebooks/ (committed notebooks
+# carry none; tests/test_notebooks_clean.py fails until they are stripped).
+strip: install
+	$(BIN)/python -m nbconvert --log-level=WARN --clear-output --inplace notebooks/*.ipynb
 
 # Rewrite the parameter cell of notebooks/train.ipynb from TrainConfig's fields and defaults
 # (tests/test_train.py fails while they differ).

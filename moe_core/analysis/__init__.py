@@ -10,6 +10,7 @@ number macros, every number computed from the records under runs/ and none typed
 - markdown: the README's results section, per token budget
 - tables: the Experiment A/B tables and number macros with their captions, and their writers
 - plots: the figures (altair, rendered offline to PNG, SVG and PDF)
+- view: what the notebooks show: figures at one screen scale, tables rounded for reading (IPython)
 - paper: ``python -m moe_core.analysis.paper``, the bench and setup macros not made by the notebooks
 - expert_parallel: the expert-parallel bench records -> the all-to-all table, figure and macros
 - results: every public name of load, stats, frontier, latex, markdown and tables in one namespace

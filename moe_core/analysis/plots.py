@@ -3,14 +3,17 @@
 Why one module: every figure shares one geometry (single-column figures about 3.3 in wide: a plot
 area of PLOT_WIDTH points plus axes, legends stacked below; the faceted routing_stats and capacity_*
 figures span the page, figure*), the same router colours (Okabe-Ito, colour-blind
-safe, fixed per router so a router looks the same in every figure) and units on every axis. The
-builders take the frames of moe_core.analysis.stats; they compute nothing but plot geometry.
+safe, fixed per router so a router looks the same in every figure), units on every axis, and line
+dashes named in their legend ("CF 1.25 (dashed)") beside a line sample, so a reader decodes capacity
+and top-k without comparing dashed symbols. The builders take the frames of moe_core.analysis.stats;
+they compute nothing but plot geometry.
 
 Rendering is offline through vl-convert (no browser); the theme is applied at render time, so a
 builder's chart stays composable (concat, layer) before ``save``.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import altair as alt
@@ -42,6 +45,10 @@ THEME = {
     "point": {"size": 24, "filled": True},
     "range": {"category": list(OKABE_ITO)},
 }
+# Line dashes in legend order, each with the name its legend label gives it.
+DASHES = (("solid", [1, 0]), ("dashed", [6, 3]), ("dotted", [1.5, 2.5]), ("dash-dot", [7, 2.5, 1.5, 2.5]),
+          ("long dash", [12, 3]))
+DASH_LEGEND_SYMBOL = 300  # symbol area (points^2) of a dash legend: a line sample ~17 pt long
 CF_SHAPES = {"1.0": "circle", "1.25": "square", "1.5": "diamond", "2.0": "triangle-down", "dropless": "triangle-up"}
 STAT_UNITS = {"drop_rate": "drop rate (fraction of assignments)",
               "load_cv": "load CV (std/mean of tokens per expert)",
@@ -72,6 +79,20 @@ def _with_variant(frame: pd.DataFrame) -> pd.DataFrame:
 def _variant_domain(frame: pd.DataFrame) -> list[str]:
     return sorted(frame["variant"].unique(), key=lambda v: cf_order_value(v.removeprefix("CF ")) if v != "dense FFN"
                   else float("inf"))
+
+
+def _dash(field: str, domain: list[str], title: str) -> alt.StrokeDash:
+    """Line dash by ``field``, one of DASHES per value in ``domain`` order; the legend shows a line
+    sample and names the dash in the label ("CF 1.25 (dashed)")."""
+    if not domain:  # no data: nothing to name
+        return alt.StrokeDash(f"{field}:N", title=title)
+    styles = [DASHES[i % len(DASHES)] for i in range(len(domain))]
+    label = "datum.label"
+    for value, (dash_name, _) in reversed(list(zip(domain, styles))):
+        label = f"datum.label == {json.dumps(value)} ? {json.dumps(f'{value} ({dash_name})')} : {label}"
+    return alt.StrokeDash(f"{field}:N", title=title, scale=alt.Scale(domain=domain, range=[d for _, d in styles]),
+                          legend=alt.Legend(symbolType="stroke", symbolSize=DASH_LEGEND_SYMBOL, symbolStrokeWidth=1.5,
+                                            symbolStrokeColor="#222222", labelExpr=label))
 
 
 def _band(frame: pd.DataFrame, mean: str, spread: str) -> pd.DataFrame:
@@ -123,7 +144,7 @@ def training_curve_chart(curve: pd.DataFrame) -> alt.LayerChart:
     df = _with_variant(_band(curve.dropna(subset=["val_loss_mean"]), "val_loss_mean", "val_loss_std"))
     x = alt.X("tokens:Q", title="training tokens", axis=alt.Axis(format="~s"))
     color = _label_color(df)
-    dash = alt.StrokeDash("variant:N", title="capacity", sort=_variant_domain(df))
+    dash = _dash("variant", _variant_domain(df), "capacity")
     band = alt.Chart(df).mark_area(opacity=0.18).encode(x=x, y="lo:Q", y2="hi:Q", color=color, detail="name:N")
     line = alt.Chart(df).mark_line().encode(
         x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
@@ -141,8 +162,7 @@ def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT
     long["stat"] = long["stat"].str.removesuffix("_mean").map(STAT_UNITS)
     return alt.Chart(long).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=alt.X("step:Q", title="training step", axis=alt.Axis(tickMinStep=1)), y=alt.Y("value:Q", title=None),
-        color=_label_color(long), strokeDash=alt.StrokeDash("variant:N", title="capacity",
-                                                            sort=_variant_domain(long) if len(long) else None),
+        color=_label_color(long), strokeDash=_dash("variant", _variant_domain(long) if len(long) else [], "capacity"),
         detail="name:N",
     ).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
         column=alt.Column("stat:N", title=None, sort=[STAT_UNITS[s] for s in stats]),
@@ -158,7 +178,7 @@ def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.Laye
               scale=alt.Scale(type="log", nice=False, padding=6), axis=alt.Axis(format="~s", tickCount=5))
     lines = alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
-        color=_label_color(df), strokeDash=alt.StrokeDash("variant:N", title="capacity", sort=_variant_domain(df)),
+        color=_label_color(df), strokeDash=_dash("variant", _variant_domain(df), "capacity"),
         detail="name:N", tooltip=["name", "train_flops", "val_loss_mean"])
     layers = [lines]
     if budget is not None and budget == budget:
@@ -188,8 +208,9 @@ def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Tit
                       experts=frame["num_experts"].map(lambda e: f"E = {int(e)} experts"))
     x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(df["cf_label"]), axis=alt.Axis(labelAngle=0))
     color = _source_color(df)
+    dash = _dash("k", sorted(df["k"].unique(), key=lambda k: int(k.removeprefix("k="))), "top-k")
     layers = [alt.Chart().mark_line(point=alt.OverlayMarkDef(size=18)).encode(
-        x=x, y=y, color=color, strokeDash=alt.StrokeDash("k:N", title="top-k"), shape=alt.Shape("k:N", legend=None),
+        x=x, y=y, color=color, strokeDash=dash, shape=alt.Shape("k:N", legend=None),
         tooltip=["source", "experts", "k", "cf_label", tooltip])]
     if ci:
         layers.append(alt.Chart().mark_rule().encode(x=x, y="lo:Q", y2="hi:Q", color=color))

@@ -11,6 +11,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
@@ -29,6 +30,18 @@ from .distributed import Dist, peak_memory_bytes, rng_state, seed_everything, se
 from .measure import Interval, StepTimer, evaluate
 
 FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
+# Inductor warnings a user cannot act on (each names a file of the torch install): TF32 stays off on
+# purpose, as the router's logits are IEEE float32 (routing.py), and online softmax is inductor's choice.
+INDUCTOR_NOISE = ("TensorFloat32 tensor cores", "\\s*Online softmax is disabled")
+
+
+@contextlib.contextmanager
+def quiet_inductor():
+    """Training with INDUCTOR_NOISE ignored; every other warning still shows."""
+    with warnings.catch_warnings():
+        for message in INDUCTOR_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
 
 
 @dataclass
@@ -93,7 +106,7 @@ def train(cfg: TrainConfig) -> RunResult:
         done = _existing_run(cfg)
         if done is not None:
             if ctx.main:
-                print(f"{done.run_dir}: already {done.status}, not retrained", file=sys.stderr)
+                print(f"{done.run_dir}: already {done.status}, not retrained")  # news, not a warning
             return done
         ctx.barrier()  # every rank has checked the directory before rank 0 writes to it
         return _Trainer(cfg, ctx).run()
@@ -223,7 +236,8 @@ class _Trainer:
             if self.ctx.main and self.step == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._write_config()
-            return self._loop()
+            with quiet_inductor():  # compilation happens at the first step
+                return self._loop()
         except Diverged as err:
             if self.ctx.main:
                 tqdm.write(f"{self.run_dir}: DIVERGED: {err}; records kept, stopping", file=sys.stderr)
@@ -244,7 +258,7 @@ class _Trainer:
         log_loss = torch.zeros((), device=ctx.device)
         t_log, log_steps = time.perf_counter(), 0
         with tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress),
-                  desc=cfg.run_name, dynamic_ncols=True) as bar:
+                  desc=cfg.run_name, dynamic_ncols=True, file=sys.stdout) as bar:  # progress, not a warning
             while self.step < stop:
                 step = self.step
                 if step > first_step:  # a session's first step warms up (allocation, compilation)
