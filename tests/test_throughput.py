@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from moe_core import bench, flops, sweep
+from moe_core import bench, flops, sweep, workers
 from moe_core import records as rr
 from moe_core.analysis import load
 from moe_core.train import TrainConfig, train
@@ -129,8 +129,8 @@ def test_kept_kernel_gives_the_records_of_a_fresh_kernel_and_leaks_nothing(tmp_p
             "runs": [{"name": "a", "router": "softk", "top_k": 2, "lr": 0.002, "seed": 1}, {"name": "b"}]}
     _, runs = sweep.expand(spec)
     kernels = []
-    ready = sweep.WorkerKernel.ready
-    monkeypatch.setattr(sweep.WorkerKernel, "ready", lambda self, t0: kernels.append(ready(self, t0)) or kernels[-1])
+    ready = workers.WorkerKernel.ready
+    monkeypatch.setattr(workers.WorkerKernel, "ready", lambda self, t0: kernels.append(ready(self, t0)) or kernels[-1])
     notebook = ROOT / sweep.DEFAULT_NOTEBOOK
     kept, _ = sweep.run_sweep(runs, notebook, tmp_path / "kept", tmp_path / "ex_kept")
     assert kernels[0] is kernels[1]  # one kernel ran both

@@ -252,13 +252,15 @@ SWEEP_KERNELS = ("reuse", "fresh")  # each worker keeps its Jupyter kernel | a n
 class SweepBenchConfig(BenchConfig):
     """Whole sweeps timed end to end (moe_core.sweep: workers, kept kernels, shared caches): the first
     ``runs`` runs of ``experiment_params`` in seed-major order (every configuration of seed 0, then of seed 1,
-    ...) with ``train_overrides`` on each, once per GPU set (the first of ``gpus`` alone, then all of
-    them; empty: the default device) x runs per GPU x kernel mode (SWEEP_KERNELS). Defaults are
+    ...) with ``train_overrides`` on each, once per GPU set (the first of ``gpus`` alone unless not
+    ``first_gpu_alone``, then all of them; empty: the default device) x runs per GPU x kernel mode
+    (SWEEP_KERNELS). Defaults are
     CPU-sized (two tiny runs); the GPU section, Experiment A's runs as they are, is in params/."""
 
     experiment_params: str = "params/experiment_a.yaml"
     runs: int = 2
     gpus: list[int] = field(default_factory=list)
+    first_gpu_alone: bool = True  # with several gpus, also time the first one alone (before all of them)
     runs_per_gpu: list[int] = field(default_factory=lambda: [1])
     kernels: list[str] = field(default_factory=lambda: ["reuse"])
     train_overrides: dict = field(default_factory=lambda: {
@@ -278,6 +280,7 @@ class SweepBenchConfig(BenchConfig):
             values, low = getattr(self, name), 0 if name == "gpus" else 1
             self._require(isinstance(values, list) and all(isinstance(v, int) and v >= low for v in values)
                           and (name == "gpus" or values), name, f"must be a list of integers >= {low}, got {values!r}")
+        self._require(isinstance(self.first_gpu_alone, bool), "first_gpu_alone", "must be true or false")
         self._require(bool(self.kernels) and set(self.kernels) <= set(SWEEP_KERNELS), "kernels",
                       f"must be a non-empty list of {', '.join(SWEEP_KERNELS)}, got {self.kernels!r}")
         self._require(isinstance(self.train_overrides, dict), "train_overrides",
@@ -286,6 +289,10 @@ class SweepBenchConfig(BenchConfig):
             self.sweep_runs()
         except ValueError as err:
             raise self._named(err) from None
+
+    def gpu_sets(self) -> list[list[int]]:
+        """The GPUs of each timed sweep: the first alone, then all (one set when there is one GPU or none)."""
+        return [self.gpus[:1], self.gpus] if len(self.gpus) > 1 and self.first_gpu_alone else [self.gpus]
 
     def sweep_runs(self) -> list[Run]:
         """The runs each timed sweep executes, every one validated."""

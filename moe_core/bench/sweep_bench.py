@@ -41,10 +41,9 @@ def run_sweep_bench(cfg: SweepBenchConfig, out_dir: str | Path | None = None) ->
     """One row per cell; appended to ``out_dir``/sweep.jsonl as each cell finishes when given."""
     runs = cfg.sweep_runs()
     notebook = repo_path(yaml.safe_load(repo_path(cfg.experiment_params).read_text()).get("notebook", DEFAULT_NOTEBOOK))
-    gpu_sets = [cfg.gpus[:1], cfg.gpus] if len(cfg.gpus) > 1 else [cfg.gpus]
     inductor = inductor_cache(TrainConfig.from_dict(runs[0].params).cache_dir)
     frames = []
-    for gpus in gpu_sets:
+    for gpus in cfg.gpu_sets():
         for per_gpu in cfg.runs_per_gpu:
             for kernel in cfg.kernels:
                 label = ",".join(map(str, gpus)) or "default"

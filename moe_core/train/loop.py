@@ -34,7 +34,10 @@ FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not tra
 # are timed as the compile phase, not as training steps. An eager session's first step warms up.
 COMPILE_STEPS = 2
 # Recompilations dynamo keeps per function before it falls back to eager: a process that trains
-# several configs in turn (a sweep's kept kernel) compiles each once, training and evaluation.
+# several configs in turn (a sweep's kept kernel) compiles each once, training and evaluation. Every
+# shape gets its own static graph (no automatic dynamic shapes): a smaller last evaluation batch, or
+# an earlier configuration in the same process, then cannot turn later graphs dynamic, so a run
+# compiles the same graphs in a kept kernel as in a fresh one.
 RECOMPILE_LIMIT = 64
 
 
@@ -223,6 +226,7 @@ class _Trainer:
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if cfg.compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            torch._dynamo.config.automatic_dynamic_shapes = False
             self.train_model = torch.compile(self.train_model, mode=cfg.compile_mode)
         # evaluation runs the compiled model too (not through DDP: ranks evaluate unequal numbers of batches)
         self.eval_model = self.train_model if ctx.world == 1 else self.model
