@@ -182,10 +182,10 @@ def inductor_cache(cache_dir: str) -> Path:
 
 def worker_envs(gpus: list[str], runs_per_gpu: int, cache_dir: str) -> list[dict[str, str]]:
     """Each worker's environment: its GPU (none given: the default device), how many runs share it,
-    and the Inductor cache they all share."""
+    and the Inductor cache they all share; GPUs alternate, so the first n workers spread over them."""
     shared = {CONCURRENCY_ENV: str(runs_per_gpu), "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache(cache_dir))}
     return [{**shared, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
-            for gpu in (gpus or [None]) for _ in range(runs_per_gpu)]
+            for _ in range(runs_per_gpu) for gpu in (gpus or [None])]
 
 
 def measure_peaks(envs: list[dict[str, str]], cache_dir: str) -> None:
@@ -251,7 +251,7 @@ def run_sweep(runs: list[Run], notebook: Path, runs_dir: Path, executed_dir: Pat
     todo = [r for r in runs if run_status(r, runs_dir) != "ok"]
     results = [{"run": r.name, "status": "ok (skipped)", "error": ""} for r in runs if r not in todo]
     cache_dir = TrainConfig.from_dict(runs[0].params).cache_dir if runs else TrainConfig().cache_dir
-    envs = worker_envs(gpus or [], runs_per_gpu, cache_dir)
+    envs = worker_envs(gpus or [], runs_per_gpu, cache_dir)[:max(1, len(todo))]  # no idle workers
     if todo and runs_per_gpu > 1 and TrainConfig.from_dict(todo[0].params).device != "cpu":
         measure_peaks(envs, cache_dir)
     jobs = Jobs(todo)
