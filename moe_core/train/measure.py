@@ -43,8 +43,9 @@ THROUGHPUT_FIELDS = (*(name for names in COMPONENT_FIELDS.values() for name in n
 
 def throughput_key(config: dict) -> dict:
     """THROUGHPUT_FIELDS of a flat TrainConfig mapping, ``compile_mode`` "none" for an eager run."""
-    return {k: (config.get(k) if config.get("compile") else "none") if k == "compile_mode" else config.get(k)
-            for k in THROUGHPUT_FIELDS}
+    key = {k: config.get(k) for k in THROUGHPUT_FIELDS}
+    key["compile_mode"] = key["compile_mode"] if config.get("compile") else "none"
+    return key
 
 
 # -- on-device accumulation -------------------------------------------------------------------------
