@@ -16,6 +16,12 @@ A params file::
 Every key is checked against TrainConfig and every run's config is built before anything starts,
 so a typo fails in a second, not after an hour. Runs whose summary says ok are skipped; a failed run
 is recorded and the sweep goes on; the exit status is non-zero if any run failed.
+
+Workers: one per GPU of ``--gpus`` (or one on the default device) times ``--runs-per-gpu``; each
+runs its share of the runs one after another in a Jupyter kernel it keeps (moe_core.workers), all
+sharing the runs' cache dir: tokens, the measured matmul peak, Inductor's compiled kernels
+(``<cache_dir>/inductor``). Each run records how many runs shared its GPU (summary ``concurrency``);
+at the end the sweep prints where its worker time went (the runs' ``time_s`` phases) and runs/hour.
 """
 from __future__ import annotations
 
@@ -23,12 +29,15 @@ import argparse
 import fnmatch
 import itertools
 import json
-import multiprocessing as mp
 import os
+import subprocess
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from tqdm import tqdm
@@ -36,13 +45,14 @@ from tqdm import tqdm
 from . import records as rr
 from .config import cf_label
 from .train import TrainConfig
+from .train.measure import CONCURRENCY_ENV, format_breakdown, sweep_breakdown
+
+if TYPE_CHECKING:  # jupyter_client (the notebooks extra) is imported only to execute notebooks
+    from .workers import WorkerKernel
 
 SWEEP_KEYS = ("experiment", "notebook", "defaults", "grid", "runs")
 ABBREV = {"capacity_factor": "cf", "seed": "s", "top_k": "k", "num_experts": "e"}
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
-# The kernel's own log (e.g. its warning that local TCP is unencrypted) is nothing a user can act on;
-# errors still show, and the notebook's outputs, warnings included, are in the executed notebook.
-QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 
 
 @dataclass
@@ -142,8 +152,8 @@ def run_status(run: Run, runs_dir: Path) -> str | None:
     return summary.get("status") if summary else None
 
 
-def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path) -> dict:
-    """Run one notebook in-process with papermill; a failure is recorded, never raised."""
+def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path, kernel: WorkerKernel) -> dict:
+    """Run one notebook with papermill in the worker's kernel; a failure is recorded, never raised."""
     import papermill
 
     out_nb = executed_dir / run.params["experiment"] / f"{run.name}.ipynb"
@@ -151,7 +161,7 @@ def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path) -> dic
     params = {**run.params, "out_dir": str(runs_dir)}
     try:
         papermill.execute_notebook(str(notebook), str(out_nb), parameters=params, progress_bar=False,
-                                   kernel_name="python3", cwd=str(Path.cwd()), extra_arguments=QUIET_KERNEL)
+                                   km=kernel.ready(time.time()))
     except Exception as err:  # noqa: BLE001 - any failure of one run is recorded and the sweep goes on
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         run_dir = runs_dir / run.params["experiment"] / run.name
@@ -165,24 +175,122 @@ def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path) -> dic
     return {"run": run.name, "status": run_status(run, runs_dir) or "missing", "error": ""}
 
 
-_GPU = None
+def inductor_cache(cache_dir: str) -> Path:
+    """Inductor's on-disk caches every worker shares: ``<cache_dir>/inductor`` (TORCHINDUCTOR_CACHE_DIR wins)."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or Path(cache_dir, "inductor").resolve())
 
 
-def _init_worker(gpu_queue) -> None:
-    """Pin this worker process (and the kernels it starts) to one GPU."""
-    global _GPU
-    _GPU = gpu_queue.get()
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(_GPU)
+def worker_envs(gpus: list[str], runs_per_gpu: int, cache_dir: str) -> list[dict[str, str]]:
+    """Each worker's environment: its GPU (none given: the default device), how many runs share it,
+    and the Inductor cache they all share; GPUs alternate, so the first n workers spread over them."""
+    shared = {CONCURRENCY_ENV: str(runs_per_gpu), "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache(cache_dir))}
+    return [{**shared, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+            for _ in range(runs_per_gpu) for gpu in (gpus or [None])]
 
 
-def _execute_on_gpu(args) -> dict:
-    return {**execute(*args), "gpu": _GPU}
+def measure_peaks(envs: list[dict[str, str]], cache_dir: str) -> None:
+    """Each GPU's matmul peak measured into the cache while the GPU is still idle (moe_core.flops),
+    before runs share it: a run sharing its GPU would measure a fraction of it."""
+    gpus = {env.get("CUDA_VISIBLE_DEVICES") for env in envs}
+    procs = [subprocess.Popen([sys.executable, "-m", "moe_core.flops", "--cache-dir", cache_dir],
+                              env={**os.environ, **({"CUDA_VISIBLE_DEVICES": g} if g is not None else {})})
+             for g in gpus]
+    for proc in procs:
+        proc.wait()
+
+
+def config_key(run: Run) -> str:
+    """A run's configuration but for its seed: runs with equal keys train the same model shapes."""
+    identity = TrainConfig.from_dict(run.params).identity()
+    return json.dumps({k: v for k, v in identity.items() if k != "seed"}, sort_keys=True)
+
+
+class Jobs:
+    """The runs left, handed out so that a worker gets its last configuration again while one is left
+    (a kept kernel then reuses that configuration's compiled code), else a configuration no other
+    worker is on, else the next run."""
+
+    def __init__(self, runs: list[Run]):
+        self.pending = [(config_key(r), r) for r in runs]
+        self.active: list[str] = []  # the configuration each busy worker is on
+        self.lock = threading.Lock()
+
+    def take(self, last: str | None) -> tuple[str, Run] | None:
+        with self.lock:
+            if last is not None:
+                self.active.remove(last)
+            same = [job for job in self.pending if job[0] == last]
+            new = [job for job in self.pending if job[0] not in self.active]
+            job = (same or new or self.pending or [None])[0]
+            if job is not None:
+                self.pending.remove(job)
+                self.active.append(job[0])
+            return job
+
+
+def _work(kernel: WorkerKernel, jobs: Jobs, run_job, on_result) -> None:
+    """A worker: runs jobs in its kernel until none are left, then shuts the kernel down."""
+    last = None
+    try:
+        while (job := jobs.take(last)) is not None:
+            last, run = job
+            result = run_job(run, kernel)
+            kernel.done(raised=bool(result["error"]))
+            on_result({**result, "gpu": kernel.env.get("CUDA_VISIBLE_DEVICES")})
+    finally:
+        kernel.shutdown()
+
+
+def run_sweep(runs: list[Run], notebook: Path, runs_dir: Path, executed_dir: Path, gpus: list[str] | None = None,
+              runs_per_gpu: int = 1, fresh_kernel: bool = False, desc: str = "sweep") -> tuple[list[dict], dict]:
+    """Execute the runs that are not ok yet on ``len(gpus or [1]) * runs_per_gpu`` workers. Returns a
+    result per run (``run``, ``status``, ``error``; skipped runs ``ok (skipped)``) and the breakdown
+    of the sweep's worker time (measure.sweep_breakdown) over the runs it executed."""
+    from .workers import WorkerKernel
+
+    todo = [r for r in runs if run_status(r, runs_dir) != "ok"]
+    results = [{"run": r.name, "status": "ok (skipped)", "error": ""} for r in runs if r not in todo]
+    cache_dir = TrainConfig.from_dict(runs[0].params).cache_dir if runs else TrainConfig().cache_dir
+    envs = worker_envs(gpus or [], runs_per_gpu, cache_dir)[:max(1, len(todo))]  # no idle workers
+    if todo and runs_per_gpu > 1 and TrainConfig.from_dict(todo[0].params).device != "cpu":
+        measure_peaks(envs, cache_dir)
+    jobs = Jobs(todo)
+    lock, bar = threading.Lock(), tqdm(total=len(todo), desc=desc, unit="run")
+
+    def on_result(result: dict) -> None:
+        with lock:
+            results.append(result)
+            bar.set_postfix_str(result["run"])
+            bar.update()
+
+    def run_job(run: Run, kernel: WorkerKernel) -> dict:
+        return execute(run, notebook, executed_dir, runs_dir, kernel)
+
+    kernels = [WorkerKernel(env, str(Path.cwd()), fresh_kernel) for env in envs]
+    start = time.perf_counter()
+    if len(kernels) == 1:
+        _work(kernels[0], jobs, run_job, on_result)
+    else:  # threads suffice: each worker's work happens in its kernel's process
+        threads = [threading.Thread(target=_work, args=(k, jobs, run_job, on_result), daemon=True) for k in kernels]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    wall_s = time.perf_counter() - start
+    bar.close()
+    summaries = [rr.read_json(runs_dir / r.params["experiment"] / r.name / rr.SUMMARY_FILE) or {} for r in todo]
+    times = [s["time_s"] for s in summaries if s.get("time_s")]
+    return results, sweep_breakdown(times, wall_s, len(kernels))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_core.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("params", type=Path, help="params/X.yaml")
-    parser.add_argument("--gpus", help="comma-separated GPU ids: one worker per GPU (default: sequential)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids: workers per GPU (default: the default device)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1, metavar="N",
+                        help="workers per GPU, i.e. runs sharing one (default 1; their tokens/s do not compare)")
+    parser.add_argument("--fresh-kernel", action="store_true",
+                        help="a new Jupyter kernel for every run (default: each worker keeps one)")
     parser.add_argument("--only", help="run only names matching this glob")
     parser.add_argument("--shard", help="i/n: run the i-th of n interleaved slices (several hosts)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their parameters only")
@@ -204,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
         if args.gpus is not None and not all(g.isdigit() for g in gpus):
             raise ValueError(f"--gpus: expected comma-separated integers, got {args.gpus!r}")
+        if args.runs_per_gpu < 1:
+            raise ValueError(f"--runs-per-gpu: must be >= 1, got {args.runs_per_gpu}")
     except (ValueError, yaml.YAMLError) as err:
         parser.error(str(err))
     if args.dry_run:
@@ -211,32 +321,16 @@ def main(argv: list[str] | None = None) -> int:
             print(run.name, json.dumps({k: v for k, v in run.params.items() if k not in ("experiment", "run")}))
         print(f"{len(runs)} run(s) in {experiment}")
         return 0
-    todo = [r for r in runs if run_status(r, args.runs_dir) != "ok"]
-    results = [{"run": r.name, "status": "ok (skipped)", "error": ""} for r in runs if r not in todo]
-    jobs = [(r, notebook, args.executed_dir, args.runs_dir) for r in todo]
-    bar = tqdm(total=len(jobs), desc=experiment, unit="run")
-    if len(gpus) > 1:
-        queue = mp.get_context("spawn").Queue()
-        for g in gpus:
-            queue.put(g)
-        with mp.get_context("spawn").Pool(len(gpus), _init_worker, (queue,)) as pool:
-            for result in pool.imap_unordered(_execute_on_gpu, jobs):
-                results.append(result)
-                bar.update()
-    else:
-        if gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[0]
-        for job in jobs:
-            bar.set_postfix_str(job[0].name)
-            results.append(execute(*job))
-            bar.update()
-    bar.close()
+    results, breakdown = run_sweep(runs, notebook, args.runs_dir, args.executed_dir, gpus, args.runs_per_gpu,
+                                   args.fresh_kernel, desc=experiment)
     width = max([len(r["run"]) for r in results] + [3])
     print(f"\n{'run':<{width}}  status        error")
     for r in sorted(results, key=lambda r: r["run"]):
         print(f"{r['run']:<{width}}  {r['status']:<12}  {r['error'][:100]}")
     failed = [r for r in results if not r["status"].startswith("ok")]
     print(f"{len(results) - len(failed)}/{len(results)} ok; executed notebooks in {args.executed_dir / experiment}")
+    if breakdown["runs"]:
+        print(format_breakdown(breakdown))
     return 1 if failed else 0
 
 

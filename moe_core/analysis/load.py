@@ -18,6 +18,11 @@ Conventions
 - Training FLOPs = tokens x the train FLOPs per token that the run stored, so k=1 and k=2 runs
   compare at equal compute.
 
+Training tokens/s compare across configs only when measured alone on a device: a run whose
+summary says it shared its GPU (``concurrency`` > 1) gets no ``median_tokens_per_s`` of its own
+(its ``run_tokens_per_s`` is kept, marked not comparable); given the train bench's solo timings
+(``bench_dir``), each run takes its configuration's bench median instead (solo_throughput).
+
 Stored numbers are read, not recomputed: FLOPs per token from summary.json (else config.json's
 ``model``), the best validation loss and its step from summary.json. Only a record that lacks a
 field (an older one, or a run without a summary) gets it computed: FLOPs per token from the stored
@@ -37,6 +42,7 @@ from .. import records as rr
 from ..config import ROUTERS, cf_label
 from ..flops import train_flops_per_token
 from ..train import RUN_CONTROL_FIELDS, TrainConfig
+from ..train.measure import THROUGHPUT_FIELDS, throughput_key
 
 REPLICATE_FIELDS = ("seed", *RUN_CONTROL_FIELDS)  # vary between replicates of one config
 SCHEDULE_FIELDS = ("steps", "warmup", "eval_interval", "log_interval")  # set by the budget, not in names
@@ -65,13 +71,14 @@ def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in (rr.CONFIG_FILE, rr.SUMMARY_FILE, rr.METRICS_FILE))
 
 
-def load_experiment(runs_dir: str | Path, experiment: str) -> Records:
+def load_experiment(runs_dir: str | Path, experiment: str, bench_dir: str | Path | None = None) -> Records:
     """Every run of runs_dir/experiment (see the module docstring for the columns' conventions).
 
     runs: the stored TrainConfig fields flattened, ``status``, ``error``, ``name``/``label``/
     ``cf_label``/``variant``, ``budget_tokens``, best (with its step) and final eval metrics,
-    ``median_tokens_per_s`` and the ``concurrency`` it was measured under (runs sharing the GPU;
-    None when the record does not say), ``tokens`` trained, ``train_flops_per_token`` and
+    ``median_tokens_per_s`` (see solo_throughput; the train bench's records in ``bench_dir`` when
+    given) and the ``concurrency`` it was measured under (runs sharing the GPU; None when the record
+    does not say), ``tokens`` trained, ``train_flops_per_token`` and
     ``train_flops``. evals: each metrics.jsonl row with the run's config, ``train_flops`` at that
     row, and the row's own learning rate as ``step_lr``.
     """
@@ -80,7 +87,8 @@ def load_experiment(runs_dir: str | Path, experiment: str) -> Records:
     if not read:
         empty = pd.DataFrame(columns=["run", "status", "error", *DESCRIPTORS])
         return Records(empty, empty.copy())
-    runs = _name_configs(pd.DataFrame([run for run, _ in read]))
+    bench = load_bench(bench_dir, "train") if bench_dir is not None else pd.DataFrame()
+    runs = solo_throughput(_name_configs(pd.DataFrame([run for run, _ in read])), bench)
     names = dict(zip(runs["run"], zip(runs["name"], runs["variant"])))
     evals = pd.DataFrame([{**row, "name": names[row["run"]][0], "variant": names[row["run"]][1]}
                           for _, rows in read for row in rows])
@@ -124,6 +132,38 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     evals = [{**common, **{f"step_{k}" if k in config else k: v for k, v in row.items()},
               "train_flops": _times(row.get("tokens"), flops)} for row in metrics]
     return run, evals
+
+
+def _key_text(key: dict) -> str:
+    """A throughput key as comparable text: numbers as floats (1 and 1.0 alike), None and NaN alike."""
+    def norm(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    return repr(tuple(norm(key.get(k)) for k in THROUGHPUT_FIELDS))
+
+
+def solo_throughput(runs: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with tokens/s that compare across configs in ``median_tokens_per_s``: the train
+    bench's solo median for the run's configuration on its device, where ``bench`` (load_bench of
+    the "train" section) has one; else the run's own median if it trained alone (``concurrency``
+    1); else NaN, since runs that shared a GPU slowed each other. ``run_tokens_per_s`` keeps the
+    run's own, ``tokens_per_s_source`` says which was taken (solo bench, run, not comparable)."""
+    if runs.empty or "median_tokens_per_s" not in runs:
+        return runs
+    solo = {}
+    if not bench.empty and {"device_name", "tokens_per_s", *THROUGHPUT_FIELDS} <= set(bench):
+        ok = bench[bench["status"] == "ok"] if "status" in bench else bench
+        keys = [(_key_text(row), row["device_name"]) for row in ok.to_dict("records")]
+        solo = ok.assign(_key=keys).groupby("_key")["tokens_per_s"].median().to_dict()
+    bench_speed = [solo.get((_key_text(throughput_key(run)), run["device_name"])) for run in runs.to_dict("records")]
+    alone = runs["concurrency"].fillna(1).astype(int) <= 1
+    source = ["solo bench" if b is not None else "run" if a else "not comparable: shared GPU"
+              for b, a in zip(bench_speed, alone)]
+    speed = [b if b is not None else r if a else math.nan
+             for b, r, a in zip(bench_speed, runs["median_tokens_per_s"], alone)]
+    return runs.assign(run_tokens_per_s=runs["median_tokens_per_s"], median_tokens_per_s=speed,
+                       tokens_per_s_source=source)
 
 
 def _stored_flops_per_token(record: dict, summary: dict) -> float | None:

@@ -1,10 +1,13 @@
-"""Benchmarks: Experiment B (capacity factor vs drops and speed), the MoE layer vs dense FFN, and the trainer's speed.
+"""Benchmarks: Experiment B (capacity factor vs drops and speed), the MoE layer vs dense FFN, the trainer's and
+a whole sweep's speed.
 
-    python -m moe_core.bench {capacity,layer,train,all} [--small] [--device cuda|cpu] [--out DIR]
+    python -m moe_core.bench {capacity,layer,train,sweep,all} [--small] [--device cuda|cpu] [--out DIR]
                              [--params YAML] [--checkpoint PATH] [--set key=value ...]
+                             [--gpus 0,1] [--runs N] [--runs-per-gpu M[,M2...]]       (sweep only)
 
 Configs live in params/experiment_b.yaml (a section per bench and its *_small CPU version, the
-default on CPU). Every argument is checked before any bench runs.
+default on CPU). Every argument is checked before any bench runs. ``all`` runs every bench but the
+sweep, which times whole sweeps (minutes each).
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import yaml
 
 from ..config import parse_overrides
 from .capacity import run_capacity
-from .configs import BenchConfig, CapacityBenchConfig, LayerBenchConfig, TrainBenchConfig
+from .configs import BenchConfig, CapacityBenchConfig, LayerBenchConfig, SweepBenchConfig, TrainBenchConfig
 from .layer import run_layer
 from .report import table
+from .sweep_bench import run_sweep_bench
 from .train_bench import run_train
 
 PARAMS = Path(__file__).resolve().parents[2] / "params" / "experiment_b.yaml"
@@ -34,9 +38,18 @@ class Bench(NamedTuple):
 
 
 BENCHES = {"capacity": Bench(CapacityBenchConfig, run_capacity), "layer": Bench(LayerBenchConfig, run_layer),
-           "train": Bench(TrainBenchConfig, run_train)}
-"""Subcommands; ``all`` runs each. A new benchmark is a config class with a SECTION, a runner and
-an entry here."""
+           "train": Bench(TrainBenchConfig, run_train), "sweep": Bench(SweepBenchConfig, run_sweep_bench)}
+"""Subcommands; ``all`` runs those of ALL. A new benchmark is a config class with a SECTION, a runner
+and an entry here."""
+ALL = ("capacity", "layer", "train")
+SWEEP_FLAGS = ("gpus", "runs", "runs_per_gpu")  # --gpus, --runs, --runs-per-gpu: the sweep bench's own
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def load_config(name: str, *, small: bool, device: str, overrides: dict, params: Path = PARAMS) -> BenchConfig:
@@ -61,10 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="checkpoint.pt for the 'checkpoint' routing source")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (value parsed as YAML); repeatable")
+    parser.add_argument("--gpus", type=_int_list, help="sweep: GPU ids; the first alone, then all")
+    parser.add_argument("--runs", type=int, help="sweep: runs per timed sweep")
+    parser.add_argument("--runs-per-gpu", type=_int_list, help="sweep: workers per GPU, one sweep per value")
     args = parser.parse_args(argv)
-    names = list(BENCHES) if args.command == "all" else [args.command]
+    names = list(ALL) if args.command == "all" else [args.command]
     try:  # every argument is checked before any work
         overrides = parse_overrides(args.overrides)
+        flags = {k: getattr(args, k) for k in SWEEP_FLAGS if getattr(args, k) is not None}
+        if flags and args.command != "sweep":
+            raise ValueError(f"--{', --'.join(k.replace('_', '-') for k in flags)}: only for the sweep bench")
+        overrides |= flags
         if args.checkpoint is not None:
             overrides["checkpoint"] = args.checkpoint
         known = {f.name for n in names for f in fields(BENCHES[n].config)}

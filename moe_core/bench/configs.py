@@ -4,18 +4,32 @@ precision and the timing method. Each subclass's SECTION is its section in param
 (``<section>_small`` is the CPU-sized version, equal to the defaults)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import yaml
 
 from ..config import MoEConfig, require
 from ..dispatch import BACKEND_FNS
+from ..sweep import Run, expand
 from ..train import COMPILE_MODES, TrainConfig
 from .sources import LOGIT_ROUTERS, RoutingSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_path(path: str) -> Path:
+    """``path`` as given when it exists, else relative to the repository (the bench runs from anywhere)."""
+    return Path(path) if Path(path).exists() or Path(path).is_absolute() else ROOT / path
+
+
+def experiment_runs(params: str, sets: dict | None = None) -> list[Run]:
+    """The runs of a sweep params file (moe_core.sweep.expand), ``sets`` applied to each, validated."""
+    return expand(yaml.safe_load(repo_path(params).read_text()), sets, source=params)[1]
 
 
 @dataclass
@@ -172,8 +186,11 @@ class LayerBenchConfig(BenchConfig):
 class TrainBenchConfig(BenchConfig):
     """Training tokens/s of the real trainer (moe_core.train: AdamW, bf16 autocast on CUDA, grad
     clipping, routing stats) per router x batch size x dispatch backend x compile mode, on the
-    synthetic char corpus. tokens/s is the trainer's own: timed training steps only, median over
-    intervals. ``routers`` empty: the model's router only; top1 runs with top_k=1."""
+    synthetic char corpus; or, with ``experiment_params``, per configuration of a sweep's params file
+    (its seeds collapsed: the solo timing pass of an experiment). tokens/s is the trainer's own: timed
+    training steps only, median over intervals; each cell trains ``solo_repeats`` times and reports
+    the median and the coefficient of variation. ``routers`` empty: the model's router only; top1
+    runs with top_k=1."""
 
     routers: list[str] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=lambda: [8])
@@ -183,24 +200,104 @@ class TrainBenchConfig(BenchConfig):
                                                  "num_experts": 4, "top_k": 2, "router": "softk", "seq_len": 32})
     steps: int = 12
     intervals: int = 3  # tokens/s is the median over these; the first holds warm-up and compilation
+    solo_repeats: int = 3  # trainings per cell, one after another: the spread of tokens/s over them
+    experiment_params: str | None = None  # a sweep params file: time its configurations instead of the grid
 
     SECTION = "train"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._require(isinstance(self.solo_repeats, int) and self.solo_repeats >= 3, "solo_repeats",
+                      f"must be an integer >= 3 (a spread needs repeats), got {self.solo_repeats!r}")
+        self._require(self.experiment_params is None or repo_path(self.experiment_params).is_file(),
+                      "experiment_params", f"{self.experiment_params}: no such file")
         try:
             self.train_configs("unused")
         except ValueError as err:
             raise self._named(err) from None
 
+    def _timing(self) -> dict:
+        """The fields every bench training sets: a short run, evaluated ``intervals`` times, alone."""
+        timing = {"steps": self.steps, "warmup": min(10, self.steps), "eval_windows": 4, "progress": False}
+        return {**timing, "eval_interval": max(1, self.steps // self.intervals), "seed": self.seed,
+                "device": str(self.torch_device), "experiment": "bench_train", "stop_after": None}
+
     def train_configs(self, out_dir: str) -> list[TrainConfig]:
-        """One TrainConfig per cell of the grid, its records under ``out_dir``."""
+        """One TrainConfig per cell of the grid (or configuration of ``experiment_params``), records
+        under ``out_dir``."""
+        if self.experiment_params is not None:
+            return self._experiment_configs(out_dir)
         routers = self.routers or [self.model.get("router", "softk")]
         model = {k: v for k, v in self.model.items() if k != "router"}
         return [TrainConfig(**{**model, "router": r, **({"top_k": 1} if r == "top1" else {})}, batch_size=b,
                             backend=backend, compile=mode != "none", compile_mode="default" if mode == "none" else mode,
-                            steps=self.steps, warmup=min(10, self.steps),
-                            eval_interval=max(1, self.steps // self.intervals), eval_windows=4,
-                            synthetic_chars=200_000, progress=False, seed=self.seed, device=str(self.torch_device),
-                            experiment="bench_train", out_dir=out_dir, run=f"{r}_b{b}_{backend}_{mode}")
+                            synthetic_chars=200_000, **self._timing(), out_dir=out_dir,
+                            run=f"{r}_b{b}_{backend}_{mode}")
                 for r in routers for b in self.batch_sizes for backend in self.backends for mode in self.compile_modes]
+
+    def _experiment_configs(self, out_dir: str) -> list[TrainConfig]:
+        """Each distinct configuration of the params file (the first run of it names it), as it trains
+        in the sweep but for the bench's timing fields."""
+        configs = {}
+        for run in experiment_runs(self.experiment_params):
+            cfg = TrainConfig.from_dict({**run.params, **self._timing(), "out_dir": out_dir, "run": run.name})
+            configs.setdefault(json.dumps(cfg.identity(), sort_keys=True), cfg)
+        return list(configs.values())
+
+
+SWEEP_KERNELS = ("reuse", "fresh")  # each worker keeps its Jupyter kernel | a new kernel per run
+
+
+@dataclass
+class SweepBenchConfig(BenchConfig):
+    """Whole sweeps timed end to end (moe_core.sweep: workers, kept kernels, shared caches): the first
+    ``runs`` runs of ``experiment_params`` in seed-major order (every configuration of seed 0, then of seed 1,
+    ...) with ``train_overrides`` on each, once per GPU set (the first of ``gpus`` alone unless not
+    ``first_gpu_alone``, then all of them; empty: the default device) x runs per GPU x kernel mode
+    (SWEEP_KERNELS). Defaults are
+    CPU-sized (two tiny runs); the GPU section, Experiment A's runs as they are, is in params/."""
+
+    experiment_params: str = "params/experiment_a.yaml"
+    runs: int = 2
+    gpus: list[int] = field(default_factory=list)
+    first_gpu_alone: bool = True  # with several gpus, also time the first one alone (before all of them)
+    runs_per_gpu: list[int] = field(default_factory=lambda: [1])
+    kernels: list[str] = field(default_factory=lambda: ["reuse"])
+    train_overrides: dict = field(default_factory=lambda: {
+        "corpus": "synthetic", "synthetic_chars": 60000, "dim": 32, "hidden": 32, "layers": 2, "heads": 2,
+        "num_experts": 4, "seq_len": 32, "batch_size": 4, "steps": 6, "warmup": 1, "eval_interval": 3,
+        "eval_windows": 4, "backend": "padded", "compile": False})
+
+    SECTION = "sweep"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require(repo_path(self.experiment_params).is_file(), "experiment_params",
+                      f"{self.experiment_params}: no such file")
+        self._require(isinstance(self.runs, int) and self.runs >= 1, "runs",
+                      f"must be an integer >= 1, got {self.runs!r}")
+        for name in ("gpus", "runs_per_gpu"):
+            values, low = getattr(self, name), 0 if name == "gpus" else 1
+            self._require(isinstance(values, list) and all(isinstance(v, int) and v >= low for v in values)
+                          and (name == "gpus" or values), name, f"must be a list of integers >= {low}, got {values!r}")
+        self._require(isinstance(self.first_gpu_alone, bool), "first_gpu_alone", "must be true or false")
+        self._require(bool(self.kernels) and set(self.kernels) <= set(SWEEP_KERNELS), "kernels",
+                      f"must be a non-empty list of {', '.join(SWEEP_KERNELS)}, got {self.kernels!r}")
+        self._require(isinstance(self.train_overrides, dict), "train_overrides",
+                      "must be a mapping of TrainConfig fields")
+        try:
+            self.sweep_runs()
+        except ValueError as err:
+            raise self._named(err) from None
+
+    def gpu_sets(self) -> list[list[int]]:
+        """The GPUs of each timed sweep: the first alone, then all (one set when there is one GPU or none)."""
+        return [self.gpus[:1], self.gpus] if len(self.gpus) > 1 and self.first_gpu_alone else [self.gpus]
+
+    def sweep_runs(self) -> list[Run]:
+        """The runs each timed sweep executes, every one validated."""
+        device = {"device": "cpu"} if self.torch_device.type == "cpu" else {}
+        runs = experiment_runs(self.experiment_params, {**self.train_overrides, **device})
+        order = sorted(range(len(runs)), key=lambda i: (runs[i].params.get("seed", 0), i))
+        require(self.runs <= len(runs), "runs", f"{self.experiment_params} has {len(runs)} runs, not {self.runs}")
+        return [runs[i] for i in order[:self.runs]]

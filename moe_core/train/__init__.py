@@ -11,7 +11,7 @@ retrained; a different config in the same directory is an error.
 
 Modules: config (TrainConfig, generated from ModelConfig, MoEConfig, DataConfig, OptimConfig and
 RunConfig), distributed (process group, device, RNG), measure (interval statistics, step timing,
-evaluation), loop (the trainer and its records), report (charts of a run), cli (``python -m
+evaluation, the run's time breakdown), loop (the trainer and its records), report (charts of a run), cli (``python -m
 moe_core.train``), notebook (the train notebook's parameter cell).
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 import traceback
@@ -27,7 +28,7 @@ from ..flops import peak_flops, train_flops_per_token
 from ..model import TinyMoEModel
 from .config import RUN_CONTROL_FIELDS, TrainConfig
 from .distributed import Dist, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
-from .measure import Interval, StepTimer, evaluate
+from .measure import CONCURRENCY_ENV, Interval, PhaseClock, StepTimer, device_eval_batches, evaluate, start_seconds
 
 FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
 # Inductor warnings a user cannot act on (each names a file of the torch install): TF32 stays off on
@@ -42,6 +43,17 @@ def quiet_inductor():
         for message in INDUCTOR_NOISE:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
+
+
+# A compiled session's first steps compile (Inductor) and, with CUDA graphs, record the graphs; they
+# are timed as the compile phase, not as training steps. An eager session's first step warms up.
+COMPILE_STEPS = 2
+# Recompilations dynamo keeps per function before it falls back to eager: a process that trains
+# several configs in turn (a sweep's kept kernel) compiles each once, training and evaluation. Every
+# shape gets its own static graph (no automatic dynamic shapes): a smaller last evaluation batch, or
+# an earlier configuration in the same process, then cannot turn later graphs dynamic, so a run
+# compiles the same graphs in a kept kernel as in a fresh one.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -101,6 +113,7 @@ def _existing_run(cfg: TrainConfig) -> RunResult | None:
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train (or resume, or return the finished record of) the run `cfg` describes."""
+    clock = PhaseClock(*start_seconds())
     ctx = setup_dist(cfg.device)
     try:
         done = _existing_run(cfg)
@@ -109,7 +122,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 print(f"{done.run_dir}: already {done.status}, not retrained")  # news, not a warning
             return done
         ctx.barrier()  # every rank has checked the directory before rank 0 writes to it
-        return _Trainer(cfg, ctx).run()
+        return _Trainer(cfg, ctx, clock).run()
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -118,18 +131,16 @@ def train(cfg: TrainConfig) -> RunResult:
 class _Trainer:
     """One session of one run on this rank: build, resume, loop; rank 0 writes the records."""
 
-    def __init__(self, cfg: TrainConfig, ctx: Dist):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: TrainConfig, ctx: Dist, clock: PhaseClock):
+        self.cfg, self.ctx, self.clock = cfg, ctx, clock
         self.run_dir = cfg.run_dir
         require(cfg.batch_size % ctx.world == 0, "TrainConfig.batch_size",
                 f"global batch {cfg.batch_size} is not divisible by {ctx.world} ranks")
         self.local_batch = cfg.batch_size // ctx.world
-        self.t_start = time.perf_counter()
         self.rows: list[dict] = []
         self.step = 0  # optimizer steps done
-        self.wall_before = 0.0  # wall time of earlier sessions of this run
         self.n_params = self.flops_per_token = None  # known once the model is built
-        self.peak, self.peak_source = peak_flops(ctx.device) if ctx.main else (None, "rank 0 only")
+        self.peak, self.peak_source = None, "not measured (the run stopped before its model was built)"
 
     # records -------------------------------------------------------------------------------------
     def _write_config(self) -> None:
@@ -158,8 +169,15 @@ class _Trainer:
             "train_flops_per_token": self.flops_per_token, "params": self.n_params,
             "peak_mem_bytes": mem, "peak_mem_kind": mem_kind, "world_size": self.ctx.world,
             "device": rr.environment(self.ctx.device)["device"],
-            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
+            # runs sharing this GPU (the sweep's --runs-per-gpu): above 1, tokens/s do not compare
+            "concurrency": int(os.environ.get(CONCURRENCY_ENV, "1")),
+            **self._times(),
         }
+
+    def _times(self) -> dict:
+        """Wall time so far (all sessions) and its split by phase: they sum to each other."""
+        seconds = self.clock.seconds()
+        return {"wall_time_s": sum(seconds.values()), "time_s": seconds, "time_start_source": self.clock.start_source}
 
     def _mfu(self, tokens_per_s: float | None) -> float | None:
         """Achieved FLOP/s (train FLOPs per token x tokens/s over all ranks) / (peak x ranks)."""
@@ -168,9 +186,10 @@ class _Trainer:
         return self.flops_per_token * tokens_per_s / (self.peak * self.ctx.world)
 
     def _finish(self, status: str, error: str | None = None, trace: str | None = None) -> RunResult:
-        summary = self._summary(status, error, trace)
-        if self.ctx.main:
-            rr.write_json(self.run_dir / rr.SUMMARY_FILE, summary)
+        with self.clock.phase("records"):
+            summary = self._summary(status, error, trace)
+            if self.ctx.main:
+                rr.write_json(self.run_dir / rr.SUMMARY_FILE, summary)
         return RunResult(self.run_dir, status, summary, self.rows)
 
     def _checkpoint(self) -> None:
@@ -182,8 +201,7 @@ class _Trainer:
             "schedule": {"step": self.step, "lr": lr_at(self.cfg, max(0, self.step - 1))},
             "rng": rng_state(self.ctx.device),
             "data": {"meta": self.data.meta, "seed": self.cfg.seed, "next_step": self.step},
-            "interval": self.interval.state_dict(), "metrics": self.rows,
-            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
+            "interval": self.interval.state_dict(), "metrics": self.rows, **self._times(),
         })
 
     def _resume(self) -> None:
@@ -193,19 +211,26 @@ class _Trainer:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.interval.load_state_dict(state["interval"])
-        self.step, self.rows, self.wall_before = state["step"], state["metrics"], state["wall_time_s"]
+        self.step, self.rows = state["step"], state["metrics"]
+        self.clock.add(state.get("time_s") or {"other": state["wall_time_s"]})  # older checkpoints: no split
         set_rng_state(state["rng"], self.ctx.device)
         if self.ctx.main:
             tqdm.write(f"{self.run_dir}: resuming at step {self.step}", file=sys.stderr)
 
     # set-up --------------------------------------------------------------------------------------
-    def _build(self) -> None:
+    def _load_data(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         if ctx.main:  # rank 0 fills the data cache; the others then read it
             self.data = load_data(cfg.data_config())
         ctx.barrier()
         if not ctx.main:
             self.data = load_data(cfg.data_config())
+        self.eval_batches = device_eval_batches(self.data, self.local_batch, ctx)
+
+    def _build(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.main:
+            self.peak, self.peak_source = peak_flops(ctx.device, cfg.cache_dir)
         seed_everything(cfg.seed)
         model_cfg = cfg.model_config(self.data.vocab_size)
         counts = self.data.train_token_counts() if model_cfg.moe.hash_balance == "frequency" else None
@@ -219,7 +244,12 @@ class _Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if cfg.compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            torch._dynamo.config.automatic_dynamic_shapes = False
             self.train_model = torch.compile(self.train_model, mode=cfg.compile_mode)
+        # evaluation runs the compiled model too (not through DDP: ranks evaluate unequal numbers of batches)
+        self.eval_model = self.train_model if ctx.world == 1 else self.model
+        self.eval_compiled = False  # whether this session's first (compiling) evaluation is done
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
 
@@ -231,12 +261,17 @@ class _Trainer:
     # the loop ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         try:
-            self._build()
-            self._resume()
+            with self.clock.phase("data"):
+                self._load_data()
+            with self.clock.phase("build"):
+                self._build()
+            with self.clock.phase("checkpoint"):
+                self._resume()
             if self.ctx.main and self.step == 0:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                self._write_config()
-            with quiet_inductor():  # compilation happens at the first step
+                with self.clock.phase("records"):
+                    self._write_config()
+            with quiet_inductor(), self.clock.phase("compile" if self.cfg.compile else "train"):
                 return self._loop()
         except Diverged as err:
             if self.ctx.main:
@@ -253,6 +288,7 @@ class _Trainer:
         stop = min(cfg.steps, cfg.stop_after or cfg.steps)
         timer = StepTimer(ctx.device)
         first_step = self.step
+        warm_steps = COMPILE_STEPS if cfg.compile else 1  # untimed: compilation, graph capture, allocation
         tokens_per_step = self.local_batch * cfg.seq_len * ctx.world
         first_bad = torch.full((), cfg.steps + 1, device=ctx.device)  # 1 + first step with non-finite loss
         log_loss = torch.zeros((), device=ctx.device)
@@ -261,7 +297,11 @@ class _Trainer:
                   desc=cfg.run_name, dynamic_ncols=True, file=sys.stdout) as bar:  # progress, not a warning
             while self.step < stop:
                 step = self.step
-                if step > first_step:  # a session's first step warms up (allocation, compilation)
+                if step == first_step + warm_steps and cfg.compile:  # compiled: from here on, training
+                    if ctx.device.type == "cuda":
+                        torch.cuda.synchronize(ctx.device)
+                    self.clock.switch("train")
+                if step >= first_step + warm_steps:
                     timer.before_step()
                 for group in self.opt.param_groups:
                     group["lr"] = lr_at(cfg, step)
@@ -296,7 +336,8 @@ class _Trainer:
                 if eval_now:
                     self._evaluate(timer, tokens_per_step)
                 if eval_now or self.step == stop:
-                    self._checkpoint()
+                    with self.clock.phase("checkpoint"):
+                        self._checkpoint()
                 t_log, log_steps = time.perf_counter(), 0
         return self._finish("ok" if self.step >= cfg.steps else "stopped")
 
@@ -305,10 +346,14 @@ class _Trainer:
         tokens_per_s = tokens_per_step * timed_steps / seconds if timed_steps else None
         row = {"step": self.step, "tokens": self.step * tokens_per_step, "lr": lr_at(self.cfg, self.step - 1)}
         row |= self.interval.reduce(self.ctx)
-        row |= evaluate(self.model, self.data, self.local_batch, self.ctx, self.autocast)
+        with self.clock.phase("eval" if self.eval_compiled or not self.cfg.compile else "compile"):
+            row |= evaluate(self.model, self.data, self.local_batch, self.ctx, self.autocast, forward=self.eval_model,
+                            batches=self.eval_batches)
+        self.eval_compiled = True
         mem, _ = peak_memory_bytes(self.ctx.device)
         row |= {"tokens_per_s": tokens_per_s, "timed_steps": timed_steps, "mfu": self._mfu(tokens_per_s),
-                "peak_mem_bytes": mem, "wall_time_s": self.wall_before + time.perf_counter() - self.t_start}
+                "peak_mem_bytes": mem, "wall_time_s": self.clock.total()}
         self.rows.append(rr.jsonable(row))
         if self.ctx.main:
-            rr.write_metrics(self.run_dir / rr.METRICS_FILE, self.rows)
+            with self.clock.phase("records"):
+                rr.write_metrics(self.run_dir / rr.METRICS_FILE, self.rows)
