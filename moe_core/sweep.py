@@ -37,7 +37,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 from tqdm import tqdm
@@ -46,9 +45,7 @@ from . import records as rr
 from .config import cf_label
 from .train import TrainConfig
 from .train.measure import CONCURRENCY_ENV, format_breakdown, sweep_breakdown
-
-if TYPE_CHECKING:  # jupyter_client (the notebooks extra) is imported only to execute notebooks
-    from .workers import WorkerKernel
+from .workers import WorkerKernel
 
 SWEEP_KEYS = ("experiment", "notebook", "defaults", "grid", "runs")
 ABBREV = {"capacity_factor": "cf", "seed": "s", "top_k": "k", "num_experts": "e"}
@@ -246,8 +243,6 @@ def run_sweep(runs: list[Run], notebook: Path, runs_dir: Path, executed_dir: Pat
     """Execute the runs that are not ok yet on ``len(gpus or [1]) * runs_per_gpu`` workers. Returns a
     result per run (``run``, ``status``, ``error``; skipped runs ``ok (skipped)``) and the breakdown
     of the sweep's worker time (measure.sweep_breakdown) over the runs it executed."""
-    from .workers import WorkerKernel
-
     todo = [r for r in runs if run_status(r, runs_dir) != "ok"]
     results = [{"run": r.name, "status": "ok (skipped)", "error": ""} for r in runs if r not in todo]
     cache_dir = TrainConfig.from_dict(runs[0].params).cache_dir if runs else TrainConfig().cache_dir

@@ -14,7 +14,7 @@ ALLOWED = {
     "data": {"core"},
     "train": {"core", "data"},
     "sweep": {"core", "train"},
-    "bench": {"core", "data", "train", "analysis"},
+    "bench": {"core", "data", "train", "sweep", "analysis"},
     "analysis": {"core", "train", "sweep"},
 }
 
@@ -63,6 +63,8 @@ def _part(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:  # moe_core/__init__.py re-exports the core API
         return "core"
+    if parts[1] == "workers":  # the kernels a sweep's workers keep
+        return "sweep"
     return parts[1] if parts[1] in ALLOWED else "core"
 
 
