@@ -156,7 +156,7 @@ def evaluate(model: TinyMoEModel, data, batch_size: int, ctx: Dist, autocast, fo
     modes = EC_EVAL_MODES if model.cfg.moe.router == "expert_choice" else ("causal",)
     batches = device_eval_batches(data, batch_size, ctx) if batches is None else batches
     compiled = forward is not None and forward is not model
-    forward = forward or model
+    forward = model if forward is None else forward  # not `or`: a compiled module has no truth value
     model.eval()
     sums = []
     for mode in modes:
