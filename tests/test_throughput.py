@@ -211,7 +211,7 @@ def test_analysis_takes_solo_bench_tokens_per_s_and_drops_shared_gpu_ones():
 
 # -- on a GPU --------------------------------------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU = dict(dim=256, layers=4, heads=4, hidden=1024, num_experts=8, top_k=2, seq_len=256, batch_size=64, steps=40,
+GPU = dict(router="softk", dim=256, layers=4, heads=4, hidden=1024, num_experts=8, top_k=2, seq_len=256, batch_size=64, steps=40,
            warmup=4, eval_interval=20, eval_windows=128, backend="grouped", compile=True,
            compile_mode="reduce-overhead", progress=False)
 
