@@ -172,7 +172,8 @@ class ModelConfig:
         require(self.moe.dim == self.dim, "moe.dim", f"moe.dim={self.moe.dim} differs from dim={self.dim}")
         require(self.ffn in FFN_KINDS, "ffn", f"unknown {self.ffn!r}; valid: {', '.join(FFN_KINDS)}")
         require(self.ffn != "moe" or self.moe_every <= self.layers, "moe_every",
-                f"moe_every={self.moe_every} > layers={self.layers} leaves no MoE layer (ffn='dense' is the dense model)")
+                f"moe_every={self.moe_every} > layers={self.layers} leaves no MoE layer "
+                "(the dense model is ffn='dense')")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std!r}")
         if self.moe.router == "hash":

@@ -31,11 +31,6 @@ HOLD = ("import pathlib, sys, time\nfrom moe_core import records as rr\n"
         "with rr.claim_run(pathlib.Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(120)\n")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 @pytest.fixture
 def tiny(tmp_path, cache_dir):
     def make(**overrides) -> TrainConfig:
@@ -361,6 +356,19 @@ def test_train_config_file_errors_name_the_file(tmp_path, capsys, content, messa
     assert f"{path}: " in line and message in line
 
 
+@pytest.mark.parametrize("content, message", [
+    ("experiment: [x\n", "not valid YAML"), (b"experiment: caf\xe9\n", "not UTF-8 text (byte 15)"),
+])
+def test_sweep_params_file_errors_name_the_file(tmp_path, capsys, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit) as exit_info:
+        _run_sweep(tmp_path, path)
+    assert exit_info.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{path}: " in line and message in line
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_cuda_is_one_line(tiny, capsys):
     cfg = tiny(device="cuda")
@@ -411,3 +419,19 @@ def test_hash_token_ids_outside_the_vocabulary_are_one_line(bad_id):
 def test_a_0d_input_is_one_line():
     with pytest.raises(ValueError, match=r"^x: expected a tensor \[\.\.\., 8\], got a 0-d tensor$"):
         MoEFeedForward(MoEConfig(dim=8, hidden=8, num_experts=2, top_k=1))(torch.tensor(1.0))
+
+
+# -- CPU threads -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, cores, expected", [({}, 4, 3), ({}, 2, 1), ({"LOCAL_WORLD_SIZE": "2"}, 4, 1),
+                                                  ({"OMP_NUM_THREADS": "2"}, 8, None)])
+def test_a_cpu_run_leaves_a_core_to_the_rest_and_restores_the_threads(tiny, monkeypatch, env, cores, expected):
+    """Two intra-op threads on a busy 2-core box (a notebook kernel beside it) trained 4-5x slower
+    than one; an OMP_NUM_THREADS the user set stands."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    before, seen, real_loss = torch.get_num_threads(), [], loop.training_loss
+    monkeypatch.setattr(loop, "training_loss", lambda out: seen.append(torch.get_num_threads()) or real_loss(out))
+    assert train(tiny(steps=2, eval_interval=2)).status == "ok"
+    assert set(seen) == {expected or before} and torch.get_num_threads() == before

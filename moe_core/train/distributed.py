@@ -64,6 +64,18 @@ def setup_dist(device: str) -> Dist:
     return Dist(rank, world, torch_device, owns)
 
 
+def cpu_threads() -> int | None:
+    """Intra-op threads for a CPU run: the usable cores (CPU affinity) shared by this host's ranks,
+    less one left to everything else (a notebook kernel's I/O, the sweep, the OS). The tiny models'
+    many small ops each end at a barrier where libgomp's workers spin; one worker descheduled by
+    anything else stalls the op, so on a busy 2-core box two threads trained 4-5x slower than one.
+    None when OMP_NUM_THREADS is set: that choice stands."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+
+
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured): the CUDA allocator's peak on GPU, the process's max RSS on CPU."""
     if device.type == "cuda":

@@ -25,7 +25,7 @@ from ..data import load_data
 from ..flops import peak_flops, train_flops_per_token
 from ..model import TinyMoEModel
 from .config import RUN_CONTROL_FIELDS, TrainConfig
-from .distributed import Dist, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
+from .distributed import Dist, cpu_threads, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
 from .measure import Interval, StepTimer, evaluate
 
 FINAL_STATUSES = rr.FINAL_STATUSES  # a run whose valid record says this is not trained again
@@ -120,8 +120,12 @@ def _on_rank0(ctx: Dist, fn) -> bool:
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train (or resume, or return the finished record of) the run `cfg` describes. Rank 0 claims
-    the run directory for the whole session (rr.claim_run): a second writer gets rr.RunLocked."""
+    the run directory for the whole session (rr.claim_run): a second writer gets rr.RunLocked. On
+    CPU the intra-op threads are distributed.cpu_threads() for the session."""
     ctx = setup_dist(cfg.device)
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu" and cpu_threads():
+        torch.set_num_threads(cpu_threads())
     try:
         with contextlib.ExitStack() as claim:
             def claim_and_check() -> bool:
@@ -135,6 +139,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 return done
             return _Trainer(cfg, ctx).run()
     finally:
+        torch.set_num_threads(threads)
         if ctx.owns_group:
             dist.destroy_process_group()
 
