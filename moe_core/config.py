@@ -116,7 +116,7 @@ class MoEConfig:
         if self.capacity_factor is not None:
             require(isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
                     and self.capacity_factor > 0,
-                    "capacity_factor", f"must be a finite number > 0 or None (dropless), got {self.capacity_factor!r}")
+                    "capacity_factor", f"must be > 0 and finite, or None (dropless), got {self.capacity_factor!r}")
             self.capacity_factor = float(self.capacity_factor)
         require(not (self.router == "expert_choice" and self.capacity_factor is None), "capacity_factor",
                "expert_choice needs a capacity factor (each expert picks C tokens)")
@@ -130,7 +130,7 @@ class MoEConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_init_std"):
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
-                    f"must be a finite number >= 0, got {value!r}")
+                    f"must be >= 0 and finite, got {value!r}")
         require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, "hash_seed",
                 f"must be an integer >= 0, got {self.hash_seed!r}")
         if self.hash_vocab_size is not None:

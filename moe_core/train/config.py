@@ -49,7 +49,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
-        require(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", "must be > 0 and finite")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         for name in ("warmup", "weight_decay", "grad_clip"):
             require(getattr(self, name) >= 0, name, "must be >= 0")

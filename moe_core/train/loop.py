@@ -84,14 +84,14 @@ def _existing_run(cfg: TrainConfig) -> RunResult | None:
     record is named in one line and the run trained again (from its checkpoint where it has one)."""
     run_dir = cfg.run_dir
     try:
-        stored = rr.read_json(run_dir / rr.CONFIG_FILE)
+        stored, unreadable = rr.read_json(run_dir / rr.CONFIG_FILE), None
     except rr.RecordError as err:
+        stored, unreadable = None, str(err)
         print(f"{err}; it will be rewritten", file=sys.stderr)
-        stored = None
     if stored is not None:
         _require_same_config(stored.get("config") or {}, cfg, run_dir / rr.CONFIG_FILE)
     status, note = rr.check_run(run_dir)
-    if note:
+    if note and note != unreadable:
         print(note if status else f"{note}; training the run again", file=sys.stderr)
     return _finished(run_dir) if status else None
 
@@ -123,9 +123,9 @@ def train(cfg: TrainConfig) -> RunResult:
     the run directory for the whole session (rr.claim_run): a second writer gets rr.RunLocked. On
     CPU the intra-op threads are distributed.cpu_threads() for the session."""
     ctx = setup_dist(cfg.device)
-    threads = torch.get_num_threads()
-    if ctx.device.type == "cpu" and cpu_threads():
-        torch.set_num_threads(cpu_threads())
+    threads, cpu_session_threads = torch.get_num_threads(), cpu_threads() if ctx.device.type == "cpu" else None
+    if cpu_session_threads:
+        torch.set_num_threads(cpu_session_threads)
     try:
         with contextlib.ExitStack() as claim:
             def claim_and_check() -> bool:
