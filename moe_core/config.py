@@ -5,7 +5,9 @@ construction with a ``ValueError`` naming the field, before any tensor is alloca
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 ROUTERS = ("top1", "topk_hard", "softk", "hash", "expert_choice")
 """Router names (contract). Hyphenated spellings (``topk-hard``) are accepted as aliases."""
@@ -38,6 +40,28 @@ def parse_overrides(items, text_fields=()) -> dict:
             raise ValueError(f"--set {item!r}: expected key=value")
         overrides[key] = text if key in text_fields else yaml.safe_load(text)
     return overrides
+
+
+def read_yaml(path: str | Path, what: str = "YAML file"):
+    """The YAML document in `path`; a missing, non-UTF-8 or malformed file is a one-line ValueError
+    naming it (the CLIs read their --config and params files through this)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the {what} ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML ({getattr(err, 'problem', None) or 'parse error'}{where})") from None
 
 
 def cf_label(capacity_factor: float | None) -> str:
@@ -94,8 +118,9 @@ class MoEConfig:
         if self.router == "top1":
             require(self.top_k == 1, "top_k", f"router top1 routes to one expert, got top_k={self.top_k}")
         if self.capacity_factor is not None:
-            require(isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0,
-                   "capacity_factor", f"must be > 0 or None (dropless), got {self.capacity_factor!r}")
+            require(isinstance(self.capacity_factor, (int, float)) and math.isfinite(self.capacity_factor)
+                    and self.capacity_factor > 0,
+                    "capacity_factor", f"must be > 0 and finite, or None (dropless), got {self.capacity_factor!r}")
             self.capacity_factor = float(self.capacity_factor)
         require(not (self.router == "expert_choice" and self.capacity_factor is None), "capacity_factor",
                "expert_choice needs a capacity factor (each expert picks C tokens)")
@@ -114,7 +139,10 @@ class MoEConfig:
                 f"must be None (the run's seed) or an integer >= 0, got {self.hash_seed!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "router_init_std"):
             value = getattr(self, name)
-            require(isinstance(value, (int, float)) and value >= 0, name, f"must be >= 0, got {value!r}")
+            require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
+                    f"must be >= 0 and finite, got {value!r}")
+        require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, "hash_seed",
+                f"must be an integer >= 0, got {self.hash_seed!r}")
         if self.hash_vocab_size is not None:
             require(isinstance(self.hash_vocab_size, int) and self.hash_vocab_size >= 1, "hash_vocab_size",
                    f"must be an integer >= 1, got {self.hash_vocab_size!r}")
@@ -153,6 +181,9 @@ class ModelConfig:
         require(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig")
         require(self.moe.dim == self.dim, "moe.dim", f"moe.dim={self.moe.dim} differs from dim={self.dim}")
         require(self.ffn in FFN_KINDS, "ffn", f"unknown {self.ffn!r}; valid: {', '.join(FFN_KINDS)}")
+        require(self.ffn != "moe" or self.moe_every <= self.layers, "moe_every",
+                f"moe_every={self.moe_every} > layers={self.layers} leaves no MoE layer "
+                "(the dense model is ffn='dense')")
         require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout!r}")
         require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std!r}")
         if self.moe.router == "hash":

@@ -28,7 +28,8 @@ class Experts(torch.nn.Module):
     """E independent FFNs stored as [E, D, F] / [E, F, D] (GELU MLP, or SwiGLU with a gate w3).
 
     Per-expert fan-in initialisation: w1 ~ N(0, 1/D), w2 ~ N(0, 1/F), so an expert's output scale
-    does not depend on E.
+    does not depend on E. The experts compute in the input's dtype (weights cast to it; a no-op when
+    they match), so a float32 layer takes fp16, bf16 or fp64 input outside autocast.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -43,12 +44,14 @@ class Experts(torch.nn.Module):
         return F.silu(gate) * up if self.activation == "swiglu" else F.gelu(up)
 
     def one(self, x_ND: torch.Tensor, e: int) -> torch.Tensor:
-        gate = x_ND @ self.w3_EDF[e] if self.w3_EDF is not None else None
-        return self._act(x_ND @ self.w1_EDF[e], gate) @ self.w2_EFD[e]
+        w1_DF, w2_FD = self.w1_EDF[e].to(x_ND.dtype), self.w2_EFD[e].to(x_ND.dtype)
+        gate = x_ND @ self.w3_EDF[e].to(x_ND.dtype) if self.w3_EDF is not None else None
+        return self._act(x_ND @ w1_DF, gate) @ w2_FD
 
     def batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        gate = torch.bmm(x_ECD, self.w3_EDF) if self.w3_EDF is not None else None
-        return torch.bmm(self._act(torch.bmm(x_ECD, self.w1_EDF), gate), self.w2_EFD)
+        w1_EDF, w2_EFD = self.w1_EDF.to(x_ECD.dtype), self.w2_EFD.to(x_ECD.dtype)
+        gate = torch.bmm(x_ECD, self.w3_EDF.to(x_ECD.dtype)) if self.w3_EDF is not None else None
+        return torch.bmm(self._act(torch.bmm(x_ECD, w1_EDF), gate), w2_EFD)
 
     def grouped(self, x_ND: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         """Rows [offs[e-1], offs[e]) go to expert e; rows past offs[-1] are left undefined."""
@@ -86,16 +89,17 @@ def _grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -
 def _combine(out_AD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """y_t = sum of w_a * out_a over token t's assignments, without atomics (bitwise deterministic).
 
-    Dropped assignments have weight 0 and a finite output (every backend computes or reads a real
-    row for them), so no mask is needed: a weighted sum over K for token-major layouts (elementwise,
-    so torch.compile fuses it; a [T, 1, K] x [T, K, D] bmm was 3x slower on an H100, its backward an
-    outer product); for expert choice, one block per expert (its tokens are distinct: no collisions).
+    Dropped assignments have weight 0 but read some real row, possibly another token's (``padded``
+    spreads them over the buffer), so they are masked with where: 0 * NaN would carry one token's
+    NaN into another. A weighted sum over K for token-major layouts (elementwise, so torch.compile
+    fuses it; a [T, 1, K] x [T, K, D] bmm was 3x slower on an H100, its backward an outer product);
+    for expert choice, one block per expert (all kept, its tokens distinct: no collisions).
     """
     T, D = routing.num_tokens, out_AD.shape[-1]
     weight_A = routing.weight_A.to(out_AD.dtype)
     if routing.layout == "token":
         K = routing.top_k
-        return (out_AD.view(T, K, D) * weight_A.view(T, K, 1)).sum(1)
+        return torch.where(routing.keep_A.view(T, K, 1), out_AD.view(T, K, D) * weight_A.view(T, K, 1), 0).sum(1)
     y_TD = out_AD.new_zeros(T, D)
     C = routing.capacity
     for block_CD, w_C, tokens_C in zip(out_AD.split(C), weight_A.split(C), routing.token_A.split(C)):
@@ -128,14 +132,23 @@ def run_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Te
 
 
 def run_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+    """GShard one-hot dispatch and combine. A contraction multiplies every row by the 0s of the slots
+    it does not fill, and 0 * NaN is NaN, so non-finite rows are zeroed before each einsum and put
+    back (with where) into the slots, then the tokens, they belong to: one bad token stays its own."""
     T, E, C = routing.num_tokens, routing.num_experts, buffer_capacity(routing)
     flat_A = torch.where(routing.keep_A, (routing.token_A * E + routing.expert_A) * C + routing.slot_A, T * E * C)
     dispatch_TEC = x_TD.new_zeros(T * E * C + 1).index_put((flat_A,), routing.keep_A.to(x_TD.dtype))
     combine_TEC = x_TD.new_zeros(T * E * C + 1).index_put((flat_A,), routing.weight_A.to(x_TD.dtype))
     dispatch_TEC = dispatch_TEC[:-1].view(T, E, C)
     combine_TEC = combine_TEC[:-1].view(T, E, C)
-    out_ECD = experts.batched(torch.einsum("tec,td->ecd", dispatch_TEC, x_TD))
-    return torch.einsum("tec,ecd->td", combine_TEC, out_ECD)
+    bad_T = ~torch.isfinite(x_TD).all(-1)
+    x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD.masked_fill(bad_T.unsqueeze(-1), 0))
+    bad_EC = torch.einsum("tec,t->ec", dispatch_TEC, bad_T.to(x_TD.dtype)) > 0
+    out_ECD = experts.batched(x_ECD.masked_fill(bad_EC.unsqueeze(-1), math.nan))
+    bad_EC = ~torch.isfinite(out_ECD).all(-1)
+    y_TD = torch.einsum("tec,ecd->td", combine_TEC, out_ECD.masked_fill(bad_EC.unsqueeze(-1), 0))
+    bad_T = torch.einsum("tec,ec->t", dispatch_TEC, bad_EC.to(x_TD.dtype)) > 0
+    return y_TD.masked_fill(bad_T.unsqueeze(-1), math.nan)
 
 
 def run_padded(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:

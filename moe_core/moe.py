@@ -48,6 +48,8 @@ class MoEFeedForward(torch.nn.Module):
         self.experts = Experts(cfg)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        if x.dim() == 0:
+            raise ValueError(f"x: expected a tensor [..., {self.cfg.dim}], got a 0-d tensor")
         if x.shape[-1] != self.cfg.dim:
             raise ValueError(f"x: last dim {x.shape[-1]} differs from MoEConfig.dim={self.cfg.dim}")
         x_TD = x.reshape(-1, self.cfg.dim)

@@ -160,6 +160,7 @@ class Router(torch.nn.Module):
                 raise ValueError("token_ids: the hash router needs the token ids of x")
             if token_ids_T.numel() != x_TD.shape[0]:
                 raise ValueError(f"token_ids: {token_ids_T.numel()} ids for {x_TD.shape[0]} tokens")
+            _check_token_ids(token_ids_T, self.hash_table_VK.shape[0])
             expert_TK = self.hash_table_VK[token_ids_T.reshape(-1)]
             weight_TK = torch.full(expert_TK.shape, 1.0 / cfg.top_k, device=x_TD.device)
             return self._token_choice(expert_TK, weight_TK, cfg.capacity_factor), None, None
@@ -281,6 +282,22 @@ def _expert_layout(token_A: torch.Tensor, weight_A: torch.Tensor, keep_A: torch.
                    tokens_per_expert_E=keep_A.view(num_experts, block).sum(1).float(), counts_E=counts_E,
                    sorted_A=torch.arange(token_A.numel(), device=dev), capacity=block, num_tokens=num_tokens,
                    num_experts=num_experts, layout="expert", top_k=None)
+
+
+def _check_token_ids(token_ids_T: torch.Tensor, vocab_size: int) -> None:
+    """Ids must index the hash table: a negative one would silently count from its end. Checked on
+    the host for CPU tensors; on a GPU without a host sync, as a device-side assert."""
+    if token_ids_T.dtype.is_floating_point or token_ids_T.dtype == torch.bool:
+        raise ValueError(f"token_ids: expected integer ids, got {token_ids_T.dtype}")
+    if token_ids_T.numel() == 0:
+        return
+    in_range = (token_ids_T.min() >= 0) & (token_ids_T.max() < vocab_size)
+    if token_ids_T.device.type == "cpu":
+        if not in_range:
+            raise ValueError(f"token_ids: must be in [0, {vocab_size}) (hash_vocab_size), got ids in "
+                             f"[{int(token_ids_T.min())}, {int(token_ids_T.max())}]")
+    else:
+        torch._assert_async(in_range, f"token_ids: must be in [0, {vocab_size}) (hash_vocab_size)")
 
 
 def balance_losses(routing: Routing, logits_TE: torch.Tensor | None, probs_TE: torch.Tensor | None,

@@ -14,8 +14,12 @@ A params file::
       - {name: dense_s0, ffn: dense, seed: 0}
 
 Every key is checked against TrainConfig and every run's config is built before anything starts,
-so a typo fails in a second, not after an hour. Runs whose summary says ok are skipped; a failed run
-is recorded and the sweep goes on; the exit status is non-zero if any run failed.
+so a typo fails in a second, not after an hour. Each run's directory is claimed while the sweep
+checks and executes it (moe_core.records.claim_run; its kernel shares the claim), so two sweeps
+over one runs directory share the work instead of doubling it: a run another process holds is
+"locked", not executed. A run whose valid record says ok or diverged is skipped (a bad metrics.jsonl
+is first restored from its checkpoint); any other record is trained again. A failed run is recorded
+and the sweep goes on; the exit status is non-zero unless every run is ok.
 
 Workers: one per GPU of ``--gpus`` (or one on the default device) times ``--runs-per-gpu``; each
 runs its share of the runs one after another in a Jupyter kernel it keeps (moe_core.workers), all
@@ -38,11 +42,10 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from . import records as rr
-from .config import cf_label
+from .config import cf_label, read_yaml
 from .train import TrainConfig
 from .train.measure import CONCURRENCY_ENV, format_breakdown, sweep_breakdown
 from .workers import WorkerKernel
@@ -115,8 +118,7 @@ def expand(spec: dict, sets: dict | None = None, source: str = "params") -> tupl
         raise ValueError(f"{source}: no runs (give 'grid' and/or 'runs')")
     runs, seen = [], {}
     for template, overrides in entries:
-        name = template.format(**{k: _format_value(k, v) for k, v in overrides.items()}) if template \
-            else derive_name(overrides)
+        name = _format_name(template, overrides, source) if template is not None else derive_name(overrides)
         if name in seen:
             raise ValueError(f"{source}: two runs are named {name!r} ({seen[name]} and {overrides})")
         seen[name] = overrides
@@ -129,10 +131,27 @@ def expand(spec: dict, sets: dict | None = None, source: str = "params") -> tupl
     return experiment, runs
 
 
+def _format_name(template, overrides: dict, source: str) -> str:
+    """A run name from its template: ``{key}`` is that key's value in the run (as derive_name spells it)."""
+    values = {k: _format_value(k, v) for k, v in overrides.items()}
+    try:
+        if not isinstance(template, str):
+            raise ValueError(f"expected text, got {template!r}")
+        return template.format(**values)
+    except KeyError as err:
+        raise ValueError(f"{source}: name template {template!r}: {{{err.args[0]}}} is not a key of its run "
+                         f"(keys: {', '.join(values) or 'none'})") from None
+    except (IndexError, ValueError) as err:
+        raise ValueError(f"{source}: name template {template!r}: {err}") from None
+
+
 def select(runs: list[Run], only: str | None, shard: str | None) -> list[Run]:
     """Filter by glob, then keep every n-th run (sorted by name) for shard i/n (0 <= i < n)."""
     if only:
-        runs = [r for r in runs if fnmatch.fnmatch(r.name, only)]
+        matched = [r for r in runs if fnmatch.fnmatch(r.name, only)]
+        if not matched:
+            raise ValueError(f"--only {only!r}: matches none of the {len(runs)} runs")
+        runs = matched
     if shard:
         try:
             i, n = (int(part) for part in shard.split("/"))
@@ -144,13 +163,55 @@ def select(runs: list[Run], only: str | None, shard: str | None) -> list[Run]:
     return runs
 
 
-def run_status(run: Run, runs_dir: Path) -> str | None:
-    summary = rr.read_json(runs_dir / run.params["experiment"] / run.name / rr.SUMMARY_FILE)
-    return summary.get("status") if summary else None
+def settled(run: Run, runs_dir: Path) -> dict | None:
+    """The result row of a run that is not to be executed, checked under its claim: finished ("ok
+    (skipped)", "diverged (skipped)" with the divergence as its error) or held by another process
+    ("locked"). None if it needs training (no record, an unfinished or an invalid one)."""
+    run_dir = runs_dir / run.params["experiment"] / run.name
+    if not run_dir.is_dir():
+        return None
+    try:
+        with rr.claim_run(run_dir):
+            return _finished_row(run, run_dir)
+    except rr.RunLocked as err:
+        return {"run": run.name, "status": "locked", "error": f"by {err.holder}"}
+
+
+def _finished_row(run: Run, run_dir: Path, report: bool = False) -> dict | None:
+    status, note = rr.check_run(run_dir)
+    if status is None:
+        if note and report:
+            tqdm.write(f"{note}; training the run again", file=sys.stderr)
+        return None
+    error = note or (rr.read_json(run_dir / rr.SUMMARY_FILE) or {}).get("error") or ""
+    return {"run": run.name, "status": f"{status} (skipped)", "error": error}
+
+
+def _run_result(run: Run, run_dir: Path, error: str = "") -> dict:
+    try:
+        summary = rr.read_json(run_dir / rr.SUMMARY_FILE) or {}
+    except rr.RecordError as err:
+        summary = {"error": str(err)}
+    status = summary.get("status") or ("failed" if error else "missing")
+    return {"run": run.name, "status": status, "error": error or ("" if status == "ok" else summary.get("error") or "")}
 
 
 def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path, kernel: WorkerKernel) -> dict:
-    """Run one notebook with papermill in the worker's kernel; a failure is recorded, never raised."""
+    """Claim the run and, unless it is settled meanwhile, run its notebook with papermill in the
+    worker's kernel, which shares the claim; a failure is recorded, never raised."""
+    run_dir = runs_dir / run.params["experiment"] / run.name
+    try:
+        with rr.claim_run(run_dir) as token:
+            done = _finished_row(run, run_dir, report=True)
+            if done is not None:
+                return done
+            return _execute_notebook(run, notebook, executed_dir, runs_dir, run_dir, kernel, token)
+    except rr.RunLocked as err:
+        return {"run": run.name, "status": "locked", "error": f"by {err.holder}"}
+
+
+def _execute_notebook(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path, run_dir: Path,
+                      kernel: WorkerKernel, token: str) -> dict:
     import papermill
 
     out_nb = executed_dir / run.params["experiment"] / f"{run.name}.ipynb"
@@ -158,18 +219,15 @@ def execute(run: Run, notebook: Path, executed_dir: Path, runs_dir: Path, kernel
     params = {**run.params, "out_dir": str(runs_dir)}
     try:
         papermill.execute_notebook(str(notebook), str(out_nb), parameters=params, progress_bar=False,
-                                   km=kernel.ready(time.time()))
+                                   km=kernel.ready(time.time(), {rr.CLAIM_ENV: token}))
     except Exception as err:  # noqa: BLE001 - any failure of one run is recorded and the sweep goes on
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        run_dir = runs_dir / run.params["experiment"] / run.name
-        summary = rr.read_json(run_dir / rr.SUMMARY_FILE) or {}
-        if summary.get("status") not in ("failed", "diverged"):  # the run did not record it itself
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if _run_result(run, run_dir)["status"] not in ("failed", *rr.FINAL_STATUSES):  # not recorded by the run
             rr.write_json(run_dir / rr.SUMMARY_FILE, {
                 "status": "failed", "error": message, "executed_notebook": str(out_nb),
                 "traceback": traceback.format_exc(limit=3)})
-        return {"run": run.name, "status": run_status(run, runs_dir) or "failed", "error": message}
-    return {"run": run.name, "status": run_status(run, runs_dir) or "missing", "error": ""}
+        return _run_result(run, run_dir, message)
+    return _run_result(run, run_dir)
 
 
 def inductor_cache(cache_dir: str) -> Path:
@@ -243,8 +301,9 @@ def run_sweep(runs: list[Run], notebook: Path, runs_dir: Path, executed_dir: Pat
     """Execute the runs that are not ok yet on ``len(gpus or [1]) * runs_per_gpu`` workers. Returns a
     result per run (``run``, ``status``, ``error``; skipped runs ``ok (skipped)``) and the breakdown
     of the sweep's worker time (measure.sweep_breakdown) over the runs it executed."""
-    todo = [r for r in runs if run_status(r, runs_dir) != "ok"]
-    results = [{"run": r.name, "status": "ok (skipped)", "error": ""} for r in runs if r not in todo]
+    settled_rows = {r.name: settled(r, runs_dir) for r in runs}
+    todo = [r for r in runs if settled_rows[r.name] is None]
+    results = [row for row in settled_rows.values() if row is not None]
     cache_dir = TrainConfig.from_dict(runs[0].params).cache_dir if runs else TrainConfig().cache_dir
     envs = worker_envs(gpus or [], runs_per_gpu, cache_dir)[:max(1, len(todo))]  # no idle workers
     if todo and runs_per_gpu > 1 and TrainConfig.from_dict(todo[0].params).device != "cpu":
@@ -298,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.params.is_file():
             raise ValueError(f"{args.params}: no such params file")
         sets = TrainConfig.parse_overrides(args.sets)
-        spec = yaml.safe_load(args.params.read_text())
+        spec = read_yaml(args.params, "params file")
         experiment, runs = expand(spec, sets, str(args.params))
         notebook = Path(spec.get("notebook", DEFAULT_NOTEBOOK))
         if not notebook.is_file():
@@ -309,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gpus: expected comma-separated integers, got {args.gpus!r}")
         if args.runs_per_gpu < 1:
             raise ValueError(f"--runs-per-gpu: must be >= 1, got {args.runs_per_gpu}")
-    except (ValueError, yaml.YAMLError) as err:
-        parser.error(str(err))
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if args.dry_run:
         for run in runs:
             print(run.name, json.dumps({k: v for k, v in run.params.items() if k not in ("experiment", "run")}))
@@ -319,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     results, breakdown = run_sweep(runs, notebook, args.runs_dir, args.executed_dir, gpus, args.runs_per_gpu,
                                    args.fresh_kernel, desc=experiment)
     width = max([len(r["run"]) for r in results] + [3])
-    print(f"\n{'run':<{width}}  status        error")
+    print(f"\n{'run':<{width}}  status              error")
     for r in sorted(results, key=lambda r: r["run"]):
-        print(f"{r['run']:<{width}}  {r['status']:<12}  {r['error'][:100]}")
+        print(f"{r['run']:<{width}}  {r['status']:<18}  {r['error'][:100]}")
     failed = [r for r in results if not r["status"].startswith("ok")]
     print(f"{len(results) - len(failed)}/{len(results)} ok; executed notebooks in {args.executed_dir / experiment}")
     if breakdown["runs"]:

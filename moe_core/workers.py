@@ -24,7 +24,7 @@ KERNEL = "python3"
 # errors still show, and the notebook's outputs, warnings included, are in the executed notebook.
 QUIET_KERNEL = ["--IPKernelApp.log_level=ERROR"]
 TIMEOUT_S = 120  # kernel start-up and reset
-RESET = "%reset -f\nimport gc, os\ngc.collect()\nos.environ[{name!r}] = {t0!r}\n"
+RESET = "%reset -f\nimport gc, os\ngc.collect()\n"
 
 
 class _Manager(AsyncKernelManager):
@@ -49,19 +49,21 @@ class WorkerKernel:
         self.env, self.cwd, self.fresh = env, cwd, fresh
         self.km: _Manager | None = None
 
-    def ready(self, t0: float) -> AsyncKernelManager:
-        """The kernel for a run that began at ``t0`` (time.time()), as a new kernel would be but for
-        what its process keeps; pass it to papermill as ``km``."""
+    def ready(self, t0: float, run_env: dict[str, str] | None = None) -> AsyncKernelManager:
+        """The kernel for a run that began at ``t0`` (time.time()), its environment ``run_env`` set
+        (e.g. the run's claim token), as a new kernel would be but for what its process keeps; pass it
+        to papermill as ``km``."""
+        run_env = {RUN_T0_ENV: repr(t0), **(run_env or {})}
         if self.km is not None and (self.fresh or not run_sync(self.km.is_alive)()):
             self.shutdown()
         if self.km is None:
             km = _Manager(kernel_name=KERNEL)
             km.open_clients = []
             run_sync(km.start_kernel)(extra_arguments=QUIET_KERNEL, cwd=self.cwd,
-                                      env={**os.environ, **self.env, RUN_T0_ENV: repr(t0)})
+                                      env={**os.environ, **self.env, **run_env})
             self.km = km
         else:
-            self._execute(RESET.format(name=RUN_T0_ENV, t0=repr(t0)))
+            self._execute(RESET + "".join(f"os.environ[{k!r}] = {v!r}\n" for k, v in run_env.items()))
         return self.km
 
     def done(self, raised: bool) -> None:

@@ -121,7 +121,7 @@ def test_checkpoint_logits_are_the_models(checkpoint):
 
 
 def test_checkpoint_written_by_train_loads_with_its_stored_config(tmp_path, monkeypatch):
-    """A real training checkpoint (numpy RNG state and all) loads weights-only, its model and data
+    """A real training checkpoint (RNG states and all) loads with plain weights_only, its model and data
     rebuilt from the stored config (whose data cache is the default, relative to the working directory)."""
     monkeypatch.chdir(tmp_path)
     cfg = TrainConfig(dim=16, hidden=16, heads=2, layers=2, num_experts=4, top_k=2, router="softk", seq_len=16,

@@ -32,11 +32,6 @@ TINY = dict(dim=32, layers=2, heads=2, hidden=32, seq_len=32, batch_size=8, eval
 TIMING_KEYS = ("tokens_per_s", "timed_steps", "mfu", "peak_mem_bytes", "wall_time_s")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 @pytest.fixture
 def tiny(tmp_path, cache_dir):
     def make(**overrides) -> TrainConfig:

@@ -7,14 +7,12 @@ Legend: N logit sets, L MoE layers, T tokens, D model dim, E experts, B batch, S
 from __future__ import annotations
 
 import math
-import pickle
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .. import records as rr
 from ..config import MoEConfig, require
 from ..data import load_data
 from ..model import TinyMoEModel
@@ -23,10 +21,6 @@ from ..train import TrainConfig
 
 SOURCE_KINDS = ("random", "skewed[:S]", "checkpoint[:PATH]")
 LOGIT_ROUTERS = ("top1", "topk_hard", "softk")  # token-choice routers that read logits
-# What a moe_core.train checkpoint holds beyond tensors and plain containers: its numpy RNG state, a
-# uint32 array. weights_only loading is told these four names (the array rebuilder is taken from an
-# array, as its module path differs between numpy versions) and refuses everything else.
-_NUMPY_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.empty(0).__reduce__()[0]]
 
 
 @dataclass(frozen=True)
@@ -74,18 +68,12 @@ def synthetic_logits(source: RoutingSource, num_sets: int, num_tokens: int, num_
 # -- a trained model's router logits ----------------------------------------------------------------
 def read_checkpoint(path: str | Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
     """(stored TrainConfig, model weights) of a ``{"model": state_dict, "config": TrainConfig fields}``
-    checkpoint as moe_core.train writes it, read with weights_only (no arbitrary unpickling). A
-    missing, unreadable or incompatible config is a one-line ValueError naming the file."""
+    checkpoint as moe_core.train writes it, read by moe_core.records.load_checkpoint (weights only: no
+    code in the file runs). A missing, unreadable or incompatible file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        refused = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>", str(err))
-        reason = f"it holds {refused[1] or refused[2]}, which is refused" if refused else _first_line(err)
-        raise ValueError(f"{path}: not loadable with torch.load(weights_only=True): {reason}") from None
+    state = rr.load_checkpoint(path)
     require(isinstance(state, dict) and isinstance(state.get("model"), dict), str(path),
             "expected a checkpoint with a 'model' state dict, as moe_core.train writes")
     require(isinstance(state.get("config"), dict) and bool(state["config"]), str(path),

@@ -5,9 +5,10 @@ torch.compile) and ``torchrun`` DDP. Under DDP ``batch_size`` is the global batc
 rows [r*B:(r+1)*B] of the batch a single process would draw, so the data seen does not depend on the
 number of ranks, while each rank's micro-batch is its own routing group (capacity is per rank).
 
-Records live in ``<out_dir>/<experiment>/<run>/`` (see moe_core.records). A run started again
-with the same config resumes from its checkpoint; one whose summary says ok (or diverged) is not
-retrained; a different config in the same directory is an error.
+Records live in ``<out_dir>/<experiment>/<run>/`` (see moe_core.records). One process writes a run
+at a time (a second one gets records.RunLocked). A run started again with the same config resumes
+from its checkpoint; one whose valid record says ok (or diverged) is not retrained; a different
+config in the same directory, or in its checkpoint, is an error.
 
 Modules: config (TrainConfig, generated from ModelConfig, MoEConfig, DataConfig, OptimConfig and
 RunConfig), distributed (process group, device, RNG), measure (interval statistics, step timing,

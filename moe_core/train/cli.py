@@ -8,13 +8,14 @@ import json
 import os
 from pathlib import Path
 
+from .. import records as rr
 from .config import TrainConfig
 from .loop import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 for an ok or stopped run, 1 for a diverged one (a failure raises); rank 0 prints
-    the summary."""
+    """Exit status 0 for an ok or stopped run, 1 for a diverged one, 2 with one line for a bad input
+    or a run another process holds (a failure in training raises); rank 0 prints the summary."""
     parser = argparse.ArgumentParser(prog="python -m moe_core.train",
                                      description="Train (or resume) one TinyMoE run and write its records.")
     parser.add_argument("--config", type=Path, help="YAML file: a flat mapping of TrainConfig fields")
@@ -22,10 +23,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one field (value parsed as YAML); repeatable")
     args = parser.parse_args(argv)
     try:
-        cfg = TrainConfig.load(args.config, args.overrides)
-    except ValueError as err:
-        parser.error(str(err))
-    result = train(cfg)
+        result = train(TrainConfig.load(args.config, args.overrides))
+    except (ValueError, rr.RunLocked) as err:  # a bad value, file or device; another writer
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result.summary, indent=2))
     return 0 if result.status in ("ok", "stopped") else 1

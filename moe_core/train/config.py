@@ -20,15 +20,16 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-import yaml
-
-from ..config import ModelConfig, MoEConfig, canonical_router, parse_overrides, require
+from ..config import ModelConfig, MoEConfig, canonical_router, parse_overrides, read_yaml, require
 from ..data import DataConfig
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES = ("auto", "cpu", "cuda")
 # May differ between a stopped run and its resumption: they steer the process, not the result.
 RUN_CONTROL_FIELDS = ("stop_after", "progress", "cache_dir", "out_dir", "experiment", "run")
+# Directory names that also take an int, named by its decimal text: papermill's ``-p run 001`` passes
+# the int 1 (the run is then "1"; ``-r run 001`` passes the text "001").
+NAME_FIELDS = ("experiment", "run")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
-        require(self.lr > 0, "lr", "must be > 0")
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", "must be > 0 and finite")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         for name in ("warmup", "weight_decay", "grad_clip"):
             require(getattr(self, name) >= 0, name, "must be >= 0")
@@ -76,6 +77,7 @@ class RunConfig:
         for name in ("eval_interval", "log_interval"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
         require(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1 or None")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         require(self.device in DEVICES or self.device.startswith("cuda:"), "device",
                 f"must be one of {', '.join(DEVICES)} or cuda:N")
@@ -162,6 +164,9 @@ class TrainConfig(_TrainFields):
     def _check_types(self) -> None:
         for f in fields(self):
             value, allowed = getattr(self, f.name), _allowed_types(f.type)
+            if f.name in NAME_FIELDS and type(value) is int:
+                value = str(value)
+                setattr(self, f.name, value)
             if float in allowed and int not in allowed and (type(value) is int or _is_float_text(value)):
                 value = float(value)  # lr 1 is fine; YAML 1.1 reads 1e-3 as the string '1e-3'
                 setattr(self, f.name, value)
@@ -187,7 +192,7 @@ class TrainConfig(_TrainFields):
         """A flat YAML mapping of fields, then ``key=value`` overrides (values parsed as YAML)."""
         values = {}
         if path is not None:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = read_yaml(path, "config file") or {}
             if not isinstance(values, dict):
                 raise ValueError(f"{path}: expected a flat mapping of TrainConfig fields")
         return cls.from_dict({**values, **cls.parse_overrides(overrides)})

@@ -27,10 +27,10 @@ from ..data import load_data
 from ..flops import peak_flops, train_flops_per_token
 from ..model import TinyMoEModel
 from .config import RUN_CONTROL_FIELDS, TrainConfig
-from .distributed import Dist, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
+from .distributed import Dist, cpu_threads, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
 from .measure import CONCURRENCY_ENV, Interval, PhaseClock, StepTimer, device_eval_batches, evaluate, start_seconds
 
-FINAL_STATUSES = ("ok", "diverged")  # a run with this summary status is not trained again
+FINAL_STATUSES = rr.FINAL_STATUSES  # a run whose valid record says this is not trained again
 # Inductor warnings a user cannot act on (each names a file of the torch install): TF32 stays off on
 # purpose, as the router's logits are IEEE float32 (routing.py), and online softmax is inductor's choice.
 INDUCTOR_NOISE = ("TensorFloat32 tensor cores", "\\s*Online softmax is disabled")
@@ -92,40 +92,89 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -
 
 
 # -- the run ----------------------------------------------------------------------------------------
-def _existing_run(cfg: TrainConfig) -> RunResult | None:
-    """The finished result if this run is already done; raises if the directory holds another config."""
-    run_dir = cfg.run_dir
-    stored = rr.read_json(run_dir / rr.CONFIG_FILE)
-    if stored is None:
-        return None
-    old = {k: v for k, v in stored["config"].items() if k not in RUN_CONTROL_FIELDS}
+def _require_same_config(stored: dict, cfg: TrainConfig, source: Path) -> None:
+    """Refuse a record (config.json, checkpoint) of another config, naming the fields that differ."""
+    old = {k: v for k, v in stored.items() if k not in RUN_CONTROL_FIELDS}
     new = cfg.identity()
     diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "<missing>") != new.get(k, "<missing>"))
     if diff:
         changes = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in diff)
-        raise ValueError(f"{run_dir} holds a run with a different config ({changes}); use another "
+        raise ValueError(f"{source} holds a run with a different config ({changes}); use another "
                          f"experiment/run name or remove the directory. Nothing was overwritten.")
+
+
+def _existing_run(cfg: TrainConfig) -> RunResult | None:
+    """The finished result if this run is done and its record valid (rr.check_run, which restores a
+    bad metrics.jsonl from the checkpoint); raises if the directory holds another config. An invalid
+    record is named in one line and the run trained again (from its checkpoint where it has one)."""
+    run_dir = cfg.run_dir
+    try:
+        stored, unreadable = rr.read_json(run_dir / rr.CONFIG_FILE), None
+    except rr.RecordError as err:
+        stored, unreadable = None, str(err)
+        print(f"{err}; it will be rewritten", file=sys.stderr)
+    if stored is not None:
+        _require_same_config(stored.get("config") or {}, cfg, run_dir / rr.CONFIG_FILE)
+    status, note = rr.check_run(run_dir)
+    if note and note != unreadable:
+        print(note if status else f"{note}; training the run again", file=sys.stderr)
+    return _finished(run_dir) if status else None
+
+
+def _finished(run_dir: Path) -> RunResult:
     summary = rr.read_json(run_dir / rr.SUMMARY_FILE)
-    if summary is not None and summary["status"] in FINAL_STATUSES:
-        return RunResult(run_dir, summary["status"], summary, rr.read_metrics(run_dir / rr.METRICS_FILE))
-    return None
+    return RunResult(run_dir, summary["status"], summary, rr.read_metrics(run_dir / rr.METRICS_FILE))
+
+
+def _on_rank0(ctx: Dist, fn) -> bool:
+    """fn() on rank 0 alone; every rank learns whether it returned True. An error there stops every
+    rank: rank 0 raises it, the others a RuntimeError pointing to it."""
+    result, error = False, None
+    if ctx.main:
+        try:
+            result = bool(fn())
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            error = err
+    flags = ctx.all_reduce(torch.tensor([float(result), float(error is not None)], device=ctx.device))
+    if error is not None:
+        raise error
+    if flags[1]:
+        raise RuntimeError("rank 0 stopped the run before training (its error says why)")
+    return bool(flags[0])
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Train (or resume, or return the finished record of) the run `cfg` describes."""
+    """Train (or resume, or return the finished record of) the run `cfg` describes. Rank 0 claims
+    the run directory for the whole session (rr.claim_run): a second writer gets rr.RunLocked. On
+    CPU the intra-op threads are distributed.cpu_threads() for the session."""
     clock = PhaseClock(*start_seconds())
     ctx = setup_dist(cfg.device)
+    threads, cpu_session_threads = torch.get_num_threads(), cpu_threads() if ctx.device.type == "cpu" else None
+    if cpu_session_threads:
+        torch.set_num_threads(cpu_session_threads)
     try:
-        done = _existing_run(cfg)
-        if done is not None:
-            if ctx.main:
-                print(f"{done.run_dir}: already {done.status}, not retrained")  # news, not a warning
-            return done
-        ctx.barrier()  # every rank has checked the directory before rank 0 writes to it
-        return _Trainer(cfg, ctx, clock).run()
+        with contextlib.ExitStack() as claim:
+            def claim_and_check() -> bool:
+                claim.enter_context(rr.claim_run(cfg.run_dir))
+                return _existing_run(cfg) is not None
+
+            if _on_rank0(ctx, claim_and_check):
+                done = _finished(cfg.run_dir)
+                if ctx.main:
+                    print(f"{done.run_dir}: already {done.status}, not retrained")  # news, not a warning
+                return done
+            return _Trainer(cfg, ctx, clock).run()
     finally:
+        torch.set_num_threads(threads)
         if ctx.owns_group:
             dist.destroy_process_group()
+
+
+def _readable(path: Path) -> bool:
+    try:
+        return rr.read_json(path) is not None
+    except rr.RecordError:
+        return False
 
 
 class _Trainer:
@@ -204,8 +253,29 @@ class _Trainer:
             "interval": self.interval.state_dict(), "metrics": self.rows, **self._times(),
         })
 
-    def _resume(self) -> None:
-        state = rr.load_checkpoint(self.run_dir / rr.CHECKPOINT_FILE)
+    def _checkpoint_state(self) -> dict | None:
+        """The checkpoint to resume from, checked against this config; a truncated one is removed
+        (the run starts over), a refused one or one of another config is an error."""
+        path = self.run_dir / rr.CHECKPOINT_FILE
+        try:
+            state = rr.load_checkpoint(path)
+            if state is not None:
+                missing = sorted({"step", "config", "model", "optimizer", "rng", "interval", "metrics",
+                                  "wall_time_s"} - set(state))
+                if missing:
+                    raise rr.RecordError(f"{path}: not a training checkpoint (no {', '.join(missing)})")
+        except rr.UnsafeCheckpoint as err:
+            raise rr.UnsafeCheckpoint(f"{err}; remove it to train the run from step 0") from None
+        except rr.RecordError as err:
+            if self.ctx.main:
+                tqdm.write(f"{err}; removed, training from step 0", file=sys.stderr)
+                path.unlink(missing_ok=True)
+            return None
+        if state is not None:
+            _require_same_config(state["config"], self.cfg, path)
+        return state
+
+    def _resume(self, state: dict | None) -> None:
         if state is None:
             return
         self.model.load_state_dict(state["model"])
@@ -260,17 +330,18 @@ class _Trainer:
 
     # the loop ------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        state = self._checkpoint_state()  # before the try: a refused checkpoint leaves the record as it is
         try:
             with self.clock.phase("data"):
                 self._load_data()
             with self.clock.phase("build"):
                 self._build()
             with self.clock.phase("checkpoint"):
-                self._resume()
-            if self.ctx.main and self.step == 0:
+                self._resume(state)
+            if self.ctx.main and (self.step == 0 or not _readable(self.run_dir / rr.CONFIG_FILE)):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 with self.clock.phase("records"):
-                    self._write_config()
+                    self._write_config()  # a resumed run whose config.json was lost: the checkpoint's config
             with quiet_inductor(), self.clock.phase("compile" if self.cfg.compile else "train"):
                 return self._loop()
         except Diverged as err:
