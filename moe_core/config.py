@@ -141,8 +141,6 @@ class MoEConfig:
             value = getattr(self, name)
             require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name,
                     f"must be >= 0 and finite, got {value!r}")
-        require(isinstance(self.hash_seed, int) and self.hash_seed >= 0, "hash_seed",
-                f"must be an integer >= 0, got {self.hash_seed!r}")
         if self.hash_vocab_size is not None:
             require(isinstance(self.hash_vocab_size, int) and self.hash_vocab_size >= 1, "hash_vocab_size",
                    f"must be an integer >= 1, got {self.hash_vocab_size!r}")

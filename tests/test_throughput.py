@@ -130,7 +130,7 @@ def test_kept_kernel_gives_the_records_of_a_fresh_kernel_and_leaks_nothing(tmp_p
     _, runs = sweep.expand(spec)
     kernels = []
     ready = workers.WorkerKernel.ready
-    monkeypatch.setattr(workers.WorkerKernel, "ready", lambda self, t0: kernels.append(ready(self, t0)) or kernels[-1])
+    monkeypatch.setattr(workers.WorkerKernel, "ready", lambda self, *args: kernels.append(ready(self, *args)) or kernels[-1])
     notebook = ROOT / sweep.DEFAULT_NOTEBOOK
     kept, _ = sweep.run_sweep(runs, notebook, tmp_path / "kept", tmp_path / "ex_kept")
     assert kernels[0] is kernels[1]  # one kernel ran both

@@ -13,8 +13,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from statistics import median
 
 import torch
@@ -26,8 +25,9 @@ from ..config import require
 from ..data import load_data
 from ..flops import peak_flops, train_flops_per_token
 from ..model import TinyMoEModel
-from .config import RUN_CONTROL_FIELDS, TrainConfig
+from .config import TrainConfig
 from .distributed import Dist, cpu_threads, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
+from .existing import RunResult, existing_run, finished_result, readable, require_same_config
 from .measure import CONCURRENCY_ENV, Interval, PhaseClock, StepTimer, device_eval_batches, evaluate, start_seconds
 
 FINAL_STATUSES = rr.FINAL_STATUSES  # a run whose valid record says this is not trained again
@@ -56,16 +56,6 @@ COMPILE_STEPS = 2
 RECOMPILE_LIMIT = 64
 
 
-@dataclass
-class RunResult:
-    """What train() returns: the run's directory, status, summary.json and metric rows."""
-
-    run_dir: Path
-    status: str  # ok | stopped (stop_after) | diverged | failed
-    summary: dict
-    metrics: list[dict]  # one row per evaluation, as in metrics.jsonl
-
-
 def training_loss(out) -> torch.Tensor:
     """CE + Switch aux + router z-loss (their coefficients are applied inside the MoE layers)."""
     return out.loss + out.aux_loss + out.z_loss
@@ -89,41 +79,6 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-# -- the run ----------------------------------------------------------------------------------------
-def _require_same_config(stored: dict, cfg: TrainConfig, source: Path) -> None:
-    """Refuse a record (config.json, checkpoint) of another config, naming the fields that differ."""
-    old = {k: v for k, v in stored.items() if k not in RUN_CONTROL_FIELDS}
-    new = cfg.identity()
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k, "<missing>") != new.get(k, "<missing>"))
-    if diff:
-        changes = "; ".join(f"{k}: {old.get(k, '<missing>')!r} -> {new.get(k, '<missing>')!r}" for k in diff)
-        raise ValueError(f"{source} holds a run with a different config ({changes}); use another "
-                         f"experiment/run name or remove the directory. Nothing was overwritten.")
-
-
-def _existing_run(cfg: TrainConfig) -> RunResult | None:
-    """The finished result if this run is done and its record valid (rr.check_run, which restores a
-    bad metrics.jsonl from the checkpoint); raises if the directory holds another config. An invalid
-    record is named in one line and the run trained again (from its checkpoint where it has one)."""
-    run_dir = cfg.run_dir
-    try:
-        stored, unreadable = rr.read_json(run_dir / rr.CONFIG_FILE), None
-    except rr.RecordError as err:
-        stored, unreadable = None, str(err)
-        print(f"{err}; it will be rewritten", file=sys.stderr)
-    if stored is not None:
-        _require_same_config(stored.get("config") or {}, cfg, run_dir / rr.CONFIG_FILE)
-    status, note = rr.check_run(run_dir)
-    if note and note != unreadable:
-        print(note if status else f"{note}; training the run again", file=sys.stderr)
-    return _finished(run_dir) if status else None
-
-
-def _finished(run_dir: Path) -> RunResult:
-    summary = rr.read_json(run_dir / rr.SUMMARY_FILE)
-    return RunResult(run_dir, summary["status"], summary, rr.read_metrics(run_dir / rr.METRICS_FILE))
 
 
 def _on_rank0(ctx: Dist, fn) -> bool:
@@ -156,10 +111,10 @@ def train(cfg: TrainConfig) -> RunResult:
         with contextlib.ExitStack() as claim:
             def claim_and_check() -> bool:
                 claim.enter_context(rr.claim_run(cfg.run_dir))
-                return _existing_run(cfg) is not None
+                return existing_run(cfg) is not None
 
             if _on_rank0(ctx, claim_and_check):
-                done = _finished(cfg.run_dir)
+                done = finished_result(cfg.run_dir)
                 if ctx.main:
                     print(f"{done.run_dir}: already {done.status}, not retrained")  # news, not a warning
                 return done
@@ -168,13 +123,6 @@ def train(cfg: TrainConfig) -> RunResult:
         torch.set_num_threads(threads)
         if ctx.owns_group:
             dist.destroy_process_group()
-
-
-def _readable(path: Path) -> bool:
-    try:
-        return rr.read_json(path) is not None
-    except rr.RecordError:
-        return False
 
 
 class _Trainer:
@@ -272,7 +220,7 @@ class _Trainer:
                 path.unlink(missing_ok=True)
             return None
         if state is not None:
-            _require_same_config(state["config"], self.cfg, path)
+            require_same_config(state["config"], self.cfg, path)
         return state
 
     def _resume(self, state: dict | None) -> None:
@@ -338,7 +286,7 @@ class _Trainer:
                 self._build()
             with self.clock.phase("checkpoint"):
                 self._resume(state)
-            if self.ctx.main and (self.step == 0 or not _readable(self.run_dir / rr.CONFIG_FILE)):
+            if self.ctx.main and (self.step == 0 or not readable(self.run_dir / rr.CONFIG_FILE)):
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 with self.clock.phase("records"):
                     self._write_config()  # a resumed run whose config.json was lost: the checkpoint's config
