@@ -4,7 +4,9 @@ references, the slides have 8-12 frames, and neither log reports an undefined re
 or number macro. Skipped where latexmk is missing (CI installs TeX Live, so there it runs).
 
 Also: the committed number macros of moe_core.analysis.paper are what the script makes from the
-committed bench records and params files (so they were regenerated, not edited)."""
+committed bench records and params files (so they were regenerated, not edited), the commands the
+appendix lists are the ones `make paper-inputs paper` runs, and the README's results table is the
+generated one."""
 import re
 import shutil
 import subprocess
@@ -70,6 +72,32 @@ def test_slides_have_8_to_12_frames(built):
 def test_no_undefined_references_citations_or_numbers(built, name):
     bad = [line for line in log_lines(built / f"{name}.log") if UNDEFINED.search(line)]
     assert not bad, "\n".join(bad)
+
+
+def shell_commands(text: str) -> list[str]:
+    """One line per command: backslash continuations joined, runs of whitespace made one space."""
+    return [" ".join(line.split()) for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_appendix_commands_are_the_makefiles():
+    """The verbatim list after "make -n prints" in main.tex equals `make -n paper-inputs paper`
+    (the venv's bin/ prefix dropped, the latexmk check left out)."""
+    made = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", "paper-inputs", "paper", "BIN=BIN"],
+                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    expected = [c.replace("BIN/python ", "python ") for c in shell_commands(made) if not c.startswith("command -v")]
+    tex = (ROOT / "paper" / "main.tex").read_text()
+    listed = re.search(r"make -n\} prints\):.*?\\begin\{verbatim\}\n(.*?)\\end\{verbatim\}", tex, re.S)
+    assert listed, "main.tex lost the appendix's command list (after 'make -n} prints):')"
+    assert shell_commands(listed.group(1)) == expected
+
+
+def test_readme_results_are_the_generated_markdown():
+    """README's results between its two markers are paper/tables/experiment_a_results.md as written."""
+    generated = (ROOT / "paper" / "tables" / "experiment_a_results.md").read_text().strip()
+    pasted = re.search(r"<!-- generated: paper/tables/experiment_a_results.md -->\n(.*?)\n"
+                       r"<!-- end of paper/tables/experiment_a_results.md -->", (ROOT / "README.md").read_text(), re.S)
+    assert pasted, "README.md lost the markers around the generated results"
+    assert pasted.group(1).strip() == generated, "README.md's results differ from paper/tables/experiment_a_results.md"
 
 
 def test_tool_number_macros_are_regenerated_not_edited(tmp_path):

@@ -206,7 +206,8 @@ def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Tit
     ``ci``, rules from ``lo`` to ``hi``."""
     df = frame.assign(k=frame["top_k"].map(lambda k: f"k={int(k)}"),
                       experts=frame["num_experts"].map(lambda e: f"E = {int(e)} experts"))
-    x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(df["cf_label"]), axis=alt.Axis(labelAngle=0))
+    x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(df["cf_label"]),
+              axis=alt.Axis(labelAngle=-40))  # upright, "2.0" and "dropless" overlap at SMALL_WIDTH
     color = _source_color(df)
     dash = _dash("k", sorted(df["k"].unique(), key=lambda k: int(k.removeprefix("k="))), "top-k")
     layers = [alt.Chart().mark_line(point=alt.OverlayMarkDef(size=18)).encode(
