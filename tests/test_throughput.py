@@ -220,7 +220,7 @@ GPU = dict(router="softk", dim=256, layers=4, heads=4, hidden=1024, num_experts=
 def test_compiled_runs_in_one_process_repeat(tmp_path, cache_dir):
     """A, then B, then A again in one process (a kept kernel's life): A trains the same twice (to GPU
     reproducibility), and the second time reuses the compiled code."""
-    runs = [train(TrainConfig(**GPU, router=r, out_dir=str(tmp_path), cache_dir=cache_dir, run=name))
+    runs = [train(TrainConfig(**{**GPU, "router": r}, out_dir=str(tmp_path), cache_dir=cache_dir, run=name))
             for name, r in (("a1", "softk"), ("b", "hash"), ("a2", "softk"))]
     assert [r.status for r in runs] == ["ok"] * 3
     for first, again in zip(runs[0].metrics, runs[2].metrics):
