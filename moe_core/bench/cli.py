@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import yaml
 
+from .. import records as rr
 from ..config import parse_overrides
 from .capacity import run_capacity
 from .configs import BenchConfig, CapacityBenchConfig, LayerBenchConfig, SweepBenchConfig, TrainBenchConfig
@@ -97,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     for name, cfg in configs.items():
-        df = BENCHES[name].run(cfg, args.out)
+        try:
+            df = BENCHES[name].run(cfg, args.out)
+        except rr.RecordError as err:  # e.g. a checkpoint that is not weights-only: refused, never unpickled
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
         print(f"\n== {name} ({len(df)} rows, appended to {Path(args.out) / name}.jsonl) ==")
         print(table(df, name))
     return 0
