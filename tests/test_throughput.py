@@ -191,6 +191,11 @@ def test_train_bench_times_each_configuration_of_an_experiment(tmp_path):
     cfg = bench.TrainBenchConfig(device="cpu", experiment_params=str(params), steps=9)
     configs = cfg.train_configs("out")
     assert [(c.router, c.seed, c.steps, c.dim) for c in configs] == [("softk", 0, 9, 32), ("hash", 0, 9, 32)]
+    shards = [bench.TrainBenchConfig(device="cpu", experiment_params=str(params), steps=9, shard=f"{i}/2")
+              for i in range(2)]
+    assert [[c.router for c in shard.train_configs("out")] for shard in shards] == [["softk"], ["hash"]]
+    with pytest.raises(ValueError, match="shard: must be 'i/n'"):
+        bench.TrainBenchConfig(device="cpu", shard="2/2")
 
 
 # -- the analysis: tokens/s that compare -------------------------------------------------------------------------

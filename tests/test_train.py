@@ -215,12 +215,21 @@ def test_divergence_stops_and_keeps_records(tiny, monkeypatch):
         return real_loss(out) * (float("nan") if len(calls) >= 6 else 1.0)
 
     monkeypatch.setattr(loop, "training_loss", nan_from_step_6)
-    result = train(tiny())
+    result = train(tiny(checkpoint_interval_s=0))  # a checkpoint at every evaluation
     assert result.status == "diverged" and "non-finite training loss at step 6" in result.summary["error"]
     assert [r["step"] for r in rr.read_metrics(result.run_dir / rr.METRICS_FILE)] == [4]
     assert rr.load_checkpoint(result.run_dir / rr.CHECKPOINT_FILE)["step"] == 4  # the last good state
     assert json.loads((result.run_dir / rr.SUMMARY_FILE).read_text())["status"] == "diverged"
     assert train(tiny()).status == "diverged" and len(calls) == 6  # final: not trained again
+
+
+@pytest.mark.parametrize("interval_s, stop_after, written", [(300.0, None, [12]), (300.0, 5, [5]),
+                                                             (0.0, None, [4, 8, 12]), (0.0, 6, [4, 6])])
+def test_checkpoints_are_written_when_due_and_when_the_run_stops(tiny, monkeypatch, interval_s, stop_after, written):
+    steps = []
+    monkeypatch.setattr(rr, "save_checkpoint", lambda path, state: steps.append(state["step"]))
+    train(tiny(steps=12, eval_interval=4, checkpoint_interval_s=interval_s, stop_after=stop_after))
+    assert steps == written
 
 
 def test_failure_is_recorded_reraised_then_retried(tiny, monkeypatch):

@@ -202,6 +202,7 @@ class TrainBenchConfig(BenchConfig):
     intervals: int = 3  # tokens/s is the median over these; the first holds warm-up and compilation
     solo_repeats: int = 3  # trainings per cell, one after another: the spread of tokens/s over them
     experiment_params: str | None = None  # a sweep params file: time its configurations instead of the grid
+    shard: str = "0/1"  # "i/n": cells i, i+n, i+2n, ...: one pass split over n processes, one per GPU
 
     SECTION = "train"
 
@@ -211,6 +212,9 @@ class TrainBenchConfig(BenchConfig):
                       f"must be an integer >= 3 (a spread needs repeats), got {self.solo_repeats!r}")
         self._require(self.experiment_params is None or repo_path(self.experiment_params).is_file(),
                       "experiment_params", f"{self.experiment_params}: no such file")
+        index, _, count = str(self.shard).partition("/")
+        self._require(index.isdigit() and count.isdigit() and int(index) < int(count), "shard",
+                      f"must be 'i/n' with 0 <= i < n, got {self.shard!r}")
         try:
             self.train_configs("unused")
         except ValueError as err:
@@ -223,8 +227,12 @@ class TrainBenchConfig(BenchConfig):
                 "device": str(self.torch_device), "experiment": "bench_train", "stop_after": None}
 
     def train_configs(self, out_dir: str) -> list[TrainConfig]:
-        """One TrainConfig per cell of the grid (or configuration of ``experiment_params``), records
-        under ``out_dir``."""
+        """One TrainConfig per cell of this shard of the grid (or of the configurations of
+        ``experiment_params``), records under ``out_dir``."""
+        index, count = (int(n) for n in self.shard.split("/"))
+        return self._all_configs(out_dir)[index::count]
+
+    def _all_configs(self, out_dir: str) -> list[TrainConfig]:
         if self.experiment_params is not None:
             return self._experiment_configs(out_dir)
         routers = self.routers or [self.model.get("router", "softk")]

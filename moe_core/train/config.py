@@ -26,7 +26,7 @@ from ..data import DataConfig
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES = ("auto", "cpu", "cuda")
 # May differ between a stopped run and its resumption: they steer the process, not the result.
-RUN_CONTROL_FIELDS = ("stop_after", "progress", "cache_dir", "out_dir", "experiment", "run")
+RUN_CONTROL_FIELDS = ("stop_after", "checkpoint_interval_s", "progress", "cache_dir", "out_dir", "experiment", "run")
 # Directory names that also take an int, named by its decimal text: papermill's ``-p run 001`` passes
 # the int 1 (the run is then "1"; ``-r run 001`` passes the text "001").
 NAME_FIELDS = ("experiment", "run")
@@ -64,6 +64,10 @@ class RunConfig:
     eval_interval: int = 10
     log_interval: int = 10  # steps between host syncs (progress bar, non-finite check)
     stop_after: int | None = None  # stop (resumably) once this many steps are done
+    # A checkpoint (weights, optimizer: ~12 bytes/parameter) at the first evaluation this many seconds
+    # after the last one, and always when the run stops; 0: at every evaluation. Writing one at every
+    # evaluation took a fifth of a short sweep's time; a crash loses at most this much training.
+    checkpoint_interval_s: float = 300.0
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (GPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -77,6 +81,8 @@ class RunConfig:
         for name in ("eval_interval", "log_interval"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
         require(self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1 or None")
+        require(math.isfinite(self.checkpoint_interval_s) and self.checkpoint_interval_s >= 0, "checkpoint_interval_s",
+                f"must be >= 0 seconds, got {self.checkpoint_interval_s}")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         require(self.device in DEVICES or self.device.startswith("cuda:"), "device",

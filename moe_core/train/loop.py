@@ -1,5 +1,6 @@
-"""The training loop: resume or start, AdamW steps under the warmup-cosine schedule, evaluation and
-checkpoint every `eval_interval` steps, and the run's records (moe_core.records formats).
+"""The training loop: resume or start, AdamW steps under the warmup-cosine schedule, evaluation every
+`eval_interval` steps, a checkpoint at most every `checkpoint_interval_s` and when the run stops, and
+the run's records (moe_core.records formats).
 
 Legend: B batch (per rank), S sequence length.
 """
@@ -312,6 +313,7 @@ class _Trainer:
         first_bad = torch.full((), cfg.steps + 1, device=ctx.device)  # 1 + first step with non-finite loss
         log_loss = torch.zeros((), device=ctx.device)
         t_log, log_steps = time.perf_counter(), 0
+        last_checkpoint = t_log
         with tqdm(total=cfg.steps, initial=self.step, disable=not (ctx.main and cfg.progress),
                   desc=cfg.run_name, dynamic_ncols=True, file=sys.stdout) as bar:  # progress, not a warning
             while self.step < stop:
@@ -354,9 +356,11 @@ class _Trainer:
                 log_loss.zero_()
                 if eval_now:
                     self._evaluate(timer, tokens_per_step)
-                if eval_now or self.step == stop:
+                due = eval_now and time.perf_counter() - last_checkpoint >= cfg.checkpoint_interval_s
+                if due or self.step == stop:
                     with self.clock.phase("checkpoint"):
                         self._checkpoint()
+                    last_checkpoint = time.perf_counter()
                 t_log, log_steps = time.perf_counter(), 0
         return self._finish("ok" if self.step >= cfg.steps else "stopped")
 
