@@ -265,6 +265,15 @@ def test_a_finished_run_with_a_bad_record_is_never_skipped_but_trained_again(fin
     assert rr.load_checkpoint(finished / rr.CHECKPOINT_FILE)["step"] == 8
 
 
+def test_a_finished_run_whose_records_but_checkpoint_were_lost_gets_them_back_from_the_checkpoint(finished, tiny):
+    whole = (finished / rr.METRICS_FILE).read_bytes()
+    for name in (rr.METRICS_FILE, rr.SUMMARY_FILE, rr.CONFIG_FILE):
+        (finished / name).unlink()
+    result = train(tiny())  # resumes at the last step: no training, the records rewritten
+    assert result.status == "ok" and (finished / rr.METRICS_FILE).read_bytes() == whole
+    assert rr.check_run(finished, repair=False) == ("ok", None)
+
+
 def test_a_truncated_checkpoint_of_an_unfinished_run_starts_it_over(tiny, capsys):
     part = train(tiny(stop_after=4))
     _cut(part.run_dir / rr.CHECKPOINT_FILE, 0.5)

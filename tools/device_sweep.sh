@@ -15,7 +15,10 @@
 # With EXECUTED=0 the executed run notebooks (~0.3 MB each, their charts) stay on the device.
 #
 # The device copy has no .git, hence MOE_CORE_COMMIT for the run records. Finished runs are skipped,
-# so a call cut short by the time limit is simply repeated.
+# so a call cut short by the time limit is simply repeated -- after unpacking the records here: each
+# call's copy of the working tree replaces the records the device holds (only ignored files such as
+# checkpoints stay), and a run whose records are gone resumes from its final checkpoint, which
+# rewrites config, metrics and summary from it.
 set -uo pipefail
 usage="usage: tools/device_sweep.sh PARAMS.yaml GLOB [SECONDS [SWEEP ARGS...]]"
 params=${1:?$usage}

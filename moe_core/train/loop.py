@@ -187,6 +187,8 @@ class _Trainer:
         with self.clock.phase("records"):
             summary = self._summary(status, error, trace)
             if self.ctx.main:
+                if self.rows:  # also a run resumed at its last step whose records were lost: from the checkpoint
+                    rr.write_metrics(self.run_dir / rr.METRICS_FILE, self.rows)
                 rr.write_json(self.run_dir / rr.SUMMARY_FILE, summary)
         return RunResult(self.run_dir, status, summary, self.rows)
 
