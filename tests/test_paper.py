@@ -20,7 +20,7 @@ TEX_INSTALL = ("apt-get install -y --no-install-recommends texlive-latex-base te
                "texlive-fonts-recommended texlive-pictures latexmk")
 BUILD_PRODUCTS = ("*.pdf", "*.aux", "*.bbl", "*.blg", "*.fdb_latexmk", "*.fls", "*.log", "*.nav", "*.out",
                   "*.snm", "*.toc", "*.vrb", "*.synctex.gz")
-UNDEFINED = re.compile(r"(Reference|Citation|Number macro) .*undefined|There were undefined")
+UNDEFINED = re.compile(r"(Reference|Citation|Number macro|Claim) .*undefined|There were undefined|the records say")
 MAX_PRINT_LINE = 79  # TeX wraps log lines at this width
 
 

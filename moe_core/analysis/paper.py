@@ -253,6 +253,10 @@ def profile_numbers(path: Path) -> dict:
             prefix = f"{key} dense" if side == "dense" else key
             numbers |= {f"{prefix} {part} ms": ms for part, ms in parts.items()}
             numbers[f"{prefix} total ms"] = sum(parts.values())
+        moe = sides["moe"]
+        for name, parts in (("compute", ("gemm", "gelu")), ("dispatch", ("gather", "combine")),
+                            ("router", ("router", "other"))):  # the shares the text quotes
+            numbers[f"{key} {name} pct"] = 100 * sum(moe[p] for p in parts) / sum(moe.values())
     return numbers
 
 
