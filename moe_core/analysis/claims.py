@@ -20,7 +20,8 @@ from . import verdicts as v
 from .latex import index_numbers, tex_escape
 from .verdicts import VERDICTS, Evidence
 
-STATED = re.compile(r"\\claim\{([a-z0-9-]+)\}\{(\w+)\}|\(claim `([a-z0-9-]+)`: (\w+)\)")
+CLAIM_ID = r"[a-z0-9]+(?:-[a-z0-9]+)+"  # hyphenated words: \\claim{id}{verdict} in prose is not a claim
+STATED = re.compile(rf"\\claim\{{({CLAIM_ID})\}}\{{(\w+)\}}|\(claim `({CLAIM_ID})`: (\w+)\)")
 # Evidence keys -> (LaTeX reference, where a reader of the repository finds it); {exp}: the experiment.
 EVIDENCE = {
     "results": ("Table~\\TabExpA", "results table (`paper/tables/{exp}.csv`)"),
