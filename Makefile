@@ -24,7 +24,9 @@ install: $(VENV)/.installed
 # then the analysis notebook (figures/smoke/, paper/tables/smoke/; all git-ignored).
 smoke: install
 	$(BIN)/python -m moe_core.sweep params/smoke.yaml
-	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb
+	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb \
+		-p experiment smoke -p figures_dir figures/smoke -p tables_dir paper/tables/smoke \
+		-p numbers_path paper/tables/smoke/numbers_a.tex
 
 # Lint (ruff), then the unit tests and every notebook under nbval.
 test: install
