@@ -50,9 +50,17 @@ def format_number(value, digits: int = 3) -> str:
 
 
 def format_mean_ci(mean, ci) -> str:
-    """``mean $\\pm$ ci``: mean to 3 significant digits, CI to 2 (just the mean if there is no CI)."""
+    """``mean $\\pm$ ci``: mean to 3 significant digits, CI to 2 (just the mean if there is no CI); a mean
+    in scientific notation shares its power of ten with the CI, ``$(3.48 \\pm 0.41)\\times10^{6}$``, so a
+    column never mixes 3.48e6 with 410,000."""
     text = format_number(mean)
-    return text if ci is None or not math.isfinite(ci) else f"{text} $\\pm$ {format_number(ci, 2)}"
+    if ci is None or not math.isfinite(ci):
+        return text
+    scientific = re.fullmatch(r"\$(.*)\\times10\^\{(-?\d+)\}\$", text)
+    if scientific:
+        exponent = int(scientific.group(2))
+        return f"$({scientific.group(1)} \\pm {format_number(ci / 10 ** exponent, 2)})\\times10^{{{exponent}}}$"
+    return f"{text} $\\pm$ {format_number(ci, 2)}"
 
 
 def format_p(p) -> str:
