@@ -24,7 +24,9 @@ install: $(VENV)/.installed
 # then the analysis notebook (figures/smoke/, paper/tables/smoke/; all git-ignored).
 smoke: install
 	$(BIN)/python -m moe_core.sweep params/smoke.yaml
-	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb
+	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb \
+		-p experiment smoke -p figures_dir figures/smoke -p tables_dir paper/tables/smoke \
+		-p numbers_path paper/tables/smoke/numbers_a.tex
 
 # Lint (ruff), then the unit tests and every notebook under nbval.
 test: install
@@ -94,7 +96,7 @@ paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_b.ipynb executed/$(EXPERIMENT)/analysis_b.ipynb \
 		$(PAPER_DIRS) -p bench_dir $(CAPACITY_DIR) -p numbers_path $(NUMBERS_DIR)/numbers_b.tex
 	$(BIN)/python -m moe_core.analysis.paper --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR) \
-		--out-dir $(NUMBERS_DIR)
+		--out-dir $(NUMBERS_DIR) --experiment $(EXPERIMENT) --tables-dir $(TABLES_DIR)
 	$(BIN)/python -m papermill --no-progress-bar notebooks/expert_parallel.ipynb executed/$(EXPERIMENT)/expert_parallel.ipynb \
 		-y '{bench_dirs: [$(EP_DIRS)]}' -p figures_dir $(FIGURES_DIR) -p tables_dir $(TABLES_DIR) \
 		-p numbers_path $(NUMBERS_DIR)/numbers_ep.tex

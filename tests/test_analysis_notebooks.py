@@ -1,8 +1,7 @@
 """The analysis notebooks end to end under papermill, on real tiny records made here (training
 runs, and a tiny capacity bench): every figure in three formats, the booktabs tables whose
-numbers match the records, the number macros; without records, a clean no-op run (what
-``pytest --nbval notebooks`` meets in a fresh clone); and a draft aimed at the committed paper
-inputs stops before it reads anything."""
+numbers match the records, the number macros; without records, a one-line stop in the first cell;
+and a draft aimed at the committed paper inputs stops before it reads anything."""
 import json
 import math
 import statistics
@@ -98,9 +97,18 @@ def test_experiment_b_table_matches_records(records, outputs):
     assert "\\newcommand{\\SoftkBestCf}{1.25}" in macros
 
 
-def test_without_records_the_notebooks_do_nothing(tmp_path):
-    """Defaults in a fresh clone: no runs/smoke, no bench records; the notebooks run and write nothing."""
-    analyse(tmp_path / "runs", "smoke", tmp_path / "bench", tmp_path / "out")
+@pytest.mark.parametrize("part", ["a", "b"])
+def test_without_records_a_notebook_stops_at_once_with_one_line(tmp_path, part):
+    """No run records (or, for analysis_b, no bench records): the first cell after the parameters stops
+    the notebook with one line naming the directory, and nothing is written."""
+    with pytest.raises(papermill.PapermillExecutionError, match="bench_dir: no capacity bench records" if part == "b"
+                       else "runs_dir: no run records in"):
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / f"analysis_{part}.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+            parameters=dict(runs_dir=str(tmp_path / "runs"), experiment="smoke", bench_dir=str(tmp_path / "bench"),
+                            figures_dir=str(tmp_path / "out"), tables_dir=str(tmp_path / "out"),
+                            numbers_path=str(tmp_path / "out" / "numbers.tex")),
+            cwd=str(ROOT), progress_bar=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -20,7 +20,7 @@ TEX_INSTALL = ("apt-get install -y --no-install-recommends texlive-latex-base te
                "texlive-fonts-recommended texlive-pictures latexmk")
 BUILD_PRODUCTS = ("*.pdf", "*.aux", "*.bbl", "*.blg", "*.fdb_latexmk", "*.fls", "*.log", "*.nav", "*.out",
                   "*.snm", "*.toc", "*.vrb", "*.synctex.gz")
-UNDEFINED = re.compile(r"(Reference|Citation|Number macro) .*undefined|There were undefined")
+UNDEFINED = re.compile(r"(Reference|Citation|Number macro|Claim) .*undefined|There were undefined|the records say")
 MAX_PRINT_LINE = 79  # TeX wraps log lines at this width
 
 
@@ -114,3 +114,24 @@ def test_tool_number_macros_are_regenerated_not_edited(tmp_path):
     for name in ("numbers_bench.tex", "numbers_setup.tex"):
         assert (tmp_path / name).read_text() == (ROOT / "paper" / name).read_text(), \
             f"paper/{name} differs from what moe_core.analysis.paper writes: rerun it, do not edit the file"
+
+
+# The page geometry of moestudy.sty (letterpaper, 0.7 in side margins, 0.25 in column gap), in PDF points.
+TEXT_WIDTH = (8.5 - 2 * 0.7) * 72
+COLUMN_WIDTH = (TEXT_WIDTH - 0.25 * 72) / 2
+MIN_PRINTED_PT = 7
+
+
+def test_figures_print_with_fonts_of_at_least_7pt():
+    """Every figure main.tex includes, at the width it prints, keeps plots.FONT_SIZE text >= 7 pt."""
+    from moe_core.analysis.plots import FONT_SIZE
+    tex = (ROOT / "paper" / "main.tex").read_text()
+    included = re.findall(r"\\includegraphics\[width=([\d.]*)\\(columnwidth|textwidth)\]\{(\w+)\}", tex)
+    assert len(included) >= 8, included
+    small = []
+    for fraction, unit, name in included:
+        media = re.search(rb"/MediaBox\s*\[\s*0\s+0\s+([\d.]+)", (ROOT / "figures" / f"{name}.pdf").read_bytes())
+        printed = float(fraction or 1) * (COLUMN_WIDTH if unit == "columnwidth" else TEXT_WIDTH)
+        if FONT_SIZE * printed / float(media.group(1)) < MIN_PRINTED_PT:
+            small.append(f"{name}: {FONT_SIZE * printed / float(media.group(1)):.1f} pt")
+    assert not small, small

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -35,7 +36,12 @@ import yaml
 from .. import sweep
 from ..config import cf_label
 from ..train import TrainConfig
+from . import claims
+from .frontier import analyse
 from .latex import TeX, format_number, write_numbers
+from .load import has_runs, load_bench, load_experiment
+from .stats import bench_table
+from .verdicts import Evidence
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP_FIELDS = ("dim", "layers", "heads", "hidden", "num_experts", "top_k", "seq_len", "batch_size", "steps",
@@ -212,7 +218,62 @@ def newest(bench_root: Path, *sections: str) -> Path | None:
     return max(dirs, key=lambda d: _run_id(d, sections[0]), default=None)
 
 
+# Kernel profile (python -m moe_core.bench.profile layer): each kernel to the first part whose name
+# fragment it contains; anything else, and the kernels below the printed top ones, to "other".
+PROFILE_PARTS = (("gemm", ("GroupProblemShape", "nvjet")), ("gelu", ("gelu",)), ("router", ("f32f32", "sgemm")),
+                 ("gather", ("index", "scatter_gather")), ("combine", ("mul_sum",)))
+_SECTION = re.compile(r"^(?:moe \S+ E=(\d+) k=(\d+)|dense).*GPU ms/call ([\d.]+)")
+_KERNEL = re.compile(r"^\s+([\d.]+) ms\s+\d+x\s+(.*)$")
+
+
+def profile_parts(path: Path) -> dict:
+    """{"E=8, k=2": {"moe": {part: GPU ms}, "dense": {...}}} from a profile_compiled.txt: each MoE
+    layer's kernel times by PROFILE_PARTS, and those of the dense FFN printed after it."""
+    shapes, current, shape = {}, None, None
+    for line in path.read_text().splitlines():
+        if section := _SECTION.match(line):
+            if section.group(1):
+                shape = f"E={section.group(1)}, k={section.group(2)}"
+            current = shapes.setdefault(shape, {}).setdefault("moe" if section.group(1) else "dense",
+                                                              {p: 0.0 for p, _ in PROFILE_PARTS} | {"other": 0.0})
+            current["other"] += float(section.group(3))  # the kernels not listed stay in "other"
+        elif (kernel := _KERNEL.match(line)) and current is not None:
+            part = next((p for p, keys in PROFILE_PARTS if any(k in kernel.group(2) for k in keys)), "other")
+            current[part] += float(kernel.group(1))
+            current["other"] -= float(kernel.group(1))
+    return shapes
+
+
+def profile_numbers(path: Path) -> dict:
+    """``Profile*`` macros: per shape, GPU ms of each part for the MoE layer and the dense FFN, totals."""
+    numbers = {"profile dir": path.parent.name}
+    for shape, sides in profile_parts(path).items():
+        key = "profile " + shape.replace("=", "").replace(",", "").lower()
+        for side, parts in sides.items():
+            prefix = f"{key} dense" if side == "dense" else key
+            numbers |= {f"{prefix} {part} ms": ms for part, ms in parts.items()}
+            numbers[f"{prefix} total ms"] = sum(parts.values())
+        moe = sides["moe"]
+        for name, parts in (("compute", ("gemm", "gelu")), ("dispatch", ("gather", "combine")),
+                            ("router", ("router", "other"))):  # the shares the text quotes
+            numbers[f"{key} {name} pct"] = 100 * sum(moe[p] for p in parts) / sum(moe.values())
+    return numbers
+
+
+def newest_profile(bench_root: Path) -> Path | None:
+    return max(bench_root.glob("*/profile_compiled.txt"), key=lambda p: p.parent.name, default=None)
+
+
 GENERATED = {"numbers_bench.tex": "bench records", "numbers_setup.tex": "params files"}
+
+
+def claim_evidence(runs_dir: Path, experiment: str, capacity_dir: Path | None, speed: dict | None,
+                   profile: Path | None) -> Evidence:
+    """What the claims are decided on, from the records (a part is None where they are absent)."""
+    runs = load_experiment(runs_dir, experiment).runs if has_runs(runs_dir, experiment) else None
+    capacity = bench_table(load_bench(capacity_dir)) if capacity_dir is not None else None
+    return Evidence(runs=runs, analysis=analyse(runs) if runs is not None else None, capacity=capacity,
+                    speed=speed, profile=profile_parts(profile) if profile is not None else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,19 +287,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="layer bench with compiled rows (default: the newest)")
     parser.add_argument("--latest-dir", type=Path, default=newest(root, "train", "layer"),
                         help="newest train and layer records (default: the newest with both)")
+    parser.add_argument("--profile", type=Path, default=newest_profile(root),
+                        help="kernel profile of the compiled layer (default: the newest profile_compiled.txt)")
     parser.add_argument("--params-dir", type=Path, default=ROOT / "params")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "paper")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs", help="run records: <runs-dir>/<experiment>/")
+    parser.add_argument("--experiment", default="experiment_a", help="the Experiment A records the claims read")
+    parser.add_argument("--tables-dir", type=Path, default=None,
+                        help="where the claims table goes (default: <out-dir>/tables)")
     args = parser.parse_args(argv)
-    if None in (args.bench_dir, args.latest_dir, args.capacity_dir, args.compiled_layer_dir):
+    if None in (args.bench_dir, args.latest_dir, args.capacity_dir, args.compiled_layer_dir, args.profile):
         parser.error("bench records not found under runs/benchmarks/: give --bench-dir, --capacity-dir, "
-                     "--compiled-layer-dir and --latest-dir")
+                     "--compiled-layer-dir, --latest-dir and --profile")
     bench = (bench_numbers(args.bench_dir, args.latest_dir, args.capacity_dir)
-             | compiled_layer_numbers(args.compiled_layer_dir) | mfu_numbers(root))
+             | compiled_layer_numbers(args.compiled_layer_dir) | mfu_numbers(root) | profile_numbers(args.profile))
     for name, numbers in (("numbers_bench.tex", bench),
                           ("numbers_setup.tex", setup_numbers(args.params_dir))):
         path = write_numbers(numbers, args.out_dir / name)
         path.write_text(f"% Written by python -m moe_core.analysis.paper ({GENERATED[name]}).\n" + path.read_text())
         print(path, f"({len(numbers)} macros)")
+    evidence = claim_evidence(args.runs_dir, args.experiment, args.capacity_dir, bench, args.profile)
+    verdicts = claims.evaluate(evidence)
+    paths = claims.write_claims(verdicts, args.experiment, args.tables_dir or args.out_dir / "tables", args.out_dir)
+    print(*paths[:2], f"({len(verdicts)} claims: {verdicts['verdict'].value_counts().to_dict()})")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Altair chart builders for the paper's figures, one theme, and ``save`` to PNG + SVG + PDF.
 
 Why one module: every figure shares one geometry (single-column figures about 3.3 in wide: a plot
-area of PLOT_WIDTH points plus axes, legends stacked below; the faceted routing_stats and capacity_*
-figures span the page, figure*), the same router colours (Okabe-Ito, colour-blind
+area of PLOT_WIDTH points plus axes, compact legends below, each one block of LEGEND_COLUMNS columns
+with its title at the left; the faceted routing_stats and capacity_* figures span the page, figure*),
+every font FONT_SIZE points, so that at the width the paper prints a figure (at most ~10% below its
+natural size) no text is under 7 pt, the same router colours (Okabe-Ito, colour-blind
 safe, fixed per router so a router looks the same in every figure), units on every axis, and line
 dashes named in their legend ("CF 1.25 (dashed)") beside a line sample, so a reader decodes capacity
 and top-k without comparing dashed symbols. The builders take the frames of moe_core.analysis.stats;
@@ -29,18 +31,25 @@ OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "
 LABEL_COLORS = dict(zip(LABELS, ("#E69F00", "#56B4E9", "#0072B2", "#009E73", "#D55E00", "#000000")))
 PLOT_WIDTH, PLOT_HEIGHT = 190, 120  # points (PDF/SVG units): with axes, ~3.3 in, one paper column
 SMALL_WIDTH, SMALL_HEIGHT = 120, 85  # one panel of a faceted (page-wide) figure
+CAPACITY_WIDTH = 88  # one panel of the capacity figures: four panels fit the page width at full size
 PNG_SCALE = 3  # PNG pixels per point: ~216 dpi, sharp on slides
 FORMATS = ("png", "svg", "pdf")
+FONT_SIZE = 8  # points, every label, title and legend: >= 7 pt when the paper prints a figure at >= 90% of its size
+LEGEND_COLUMNS = 2  # a column figure's legend stays within its ~250 pt
 THEME = {
     "font": "Helvetica, Arial, sans-serif",
     "view": {"stroke": None},
-    "axis": {"labelFontSize": 8, "titleFontSize": 8, "titleFontWeight": "normal", "gridColor": "#e5e5e5",
-             "domainColor": "#777777", "tickColor": "#777777", "labelColor": "#222222", "titleColor": "#222222"},
-    "header": {"labelFontSize": 8, "titleFontSize": 8, "titleFontWeight": "normal"},
-    "legend": {"orient": "bottom", "columns": 2, "labelFontSize": 8, "titleFontSize": 8, "titleFontWeight": "normal",
-               "symbolSize": 40, "symbolOpacity": 1, "labelLimit": 180,  # not a band's faded fill
-               "layout": {"bottom": {"direction": "vertical", "anchor": "start"}}},  # legends stacked: narrow
-    "title": {"fontSize": 9, "fontWeight": "normal", "anchor": "start", "subtitleFontSize": 7},
+    "axis": {"labelFontSize": FONT_SIZE, "titleFontSize": FONT_SIZE, "titleFontWeight": "normal",
+             "gridColor": "#e5e5e5", "domainColor": "#777777", "tickColor": "#777777", "labelColor": "#222222",
+             "titleColor": "#222222"},
+    "header": {"labelFontSize": FONT_SIZE, "titleFontSize": FONT_SIZE, "titleFontWeight": "normal"},
+    "legend": {"orient": "bottom", "direction": "horizontal", "columns": LEGEND_COLUMNS, "titleOrient": "left",
+               "labelFontSize": FONT_SIZE, "titleFontSize": FONT_SIZE, "titleFontWeight": "normal",
+               "titleLimit": 60, "columnPadding": 8, "rowPadding": 2, "padding": 0, "offset": 6,
+               "symbolSize": 36, "symbolOpacity": 1, "labelLimit": 110,  # not a band's faded fill
+               "layout": {"bottom": {"direction": "vertical", "anchor": "start", "margin": 4}}},  # legends stacked
+    "title": {"fontSize": FONT_SIZE + 1, "fontWeight": "normal", "anchor": "start", "subtitleFontSize": FONT_SIZE},
+    "text": {"fontSize": FONT_SIZE},
     "line": {"strokeWidth": 1.5},
     "point": {"size": 24, "filled": True},
     "range": {"category": list(OKABE_ITO)},
@@ -50,6 +59,7 @@ DASHES = (("solid", [1, 0]), ("dashed", [6, 3]), ("dotted", [1.5, 2.5]), ("dash-
           ("long dash", [12, 3]))
 DASH_LEGEND_SYMBOL = 300  # symbol area (points^2) of a dash legend: a line sample ~17 pt long
 CF_SHAPES = {"1.0": "circle", "1.25": "square", "1.5": "diamond", "2.0": "triangle-down", "dropless": "triangle-up"}
+TRAINED_PANEL = "trained (Exp. A)"  # the capacity_drop panel of Experiment A's routers
 STAT_UNITS = {"drop_rate": "drop rate (fraction of assignments)",
               "load_cv": "load CV (std/mean of tokens per expert)",
               "gate_entropy": "gate entropy (nats)"}
@@ -114,8 +124,8 @@ def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
     df = _with_variant(_band(_band(table, "best_val_ppl_mean", "best_val_ppl_ci95")
                              .rename(columns={"lo": "y_lo", "hi": "y_hi"}),
                              "median_tokens_per_s_mean", "median_tokens_per_s_ci95"))
-    x = alt.X("median_tokens_per_s_mean:Q", title="training throughput (tokens/s, median)",
-              scale=alt.Scale(zero=False, nice=False, padding=8))
+    x = alt.X("median_tokens_per_s_mean:Q", title="training throughput (tokens/s, median; M = 1e6)",
+              scale=alt.Scale(zero=False, nice=False, padding=8), axis=alt.Axis(format="~s"))
     y = alt.Y("best_val_ppl_mean:Q", title="best validation perplexity (per token)",
               scale=alt.Scale(zero=False, nice=False, padding=8))
     color = _label_color(df)
@@ -180,11 +190,12 @@ def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.Laye
         x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
         color=_label_color(df), strokeDash=_dash("variant", _variant_domain(df), "capacity"),
         detail="name:N", tooltip=["name", "train_flops", "val_loss_mean"])
-    layers = [lines]
+    layers, subtitle = [lines], "mean over seeds"
     if budget is not None and budget == budget:
         layers.append(alt.Chart(pd.DataFrame({"budget": [budget]})).mark_rule(strokeDash=[2, 2], color="#777777")
                       .encode(x="budget:Q"))
-    return _column_figure(layers, "Iso-FLOP comparison", "mean over seeds; dotted: common budget")
+        subtitle += "; dotted: where the compared schedules end"
+    return _column_figure(layers, "Iso-FLOP comparison", subtitle)
 
 
 # -- Experiment B -----------------------------------------------------------------------------------
@@ -197,7 +208,9 @@ def _source_color(frame: pd.DataFrame) -> alt.Color:
     greys = iter(("#000000", "#8c8c8c", "#c0c0c0", "#595959"))
     colors = ["#CC79A7" if s == "checkpoint" else next(greys, "#999999") for s in bench]
     colors += [LABEL_COLORS.get(s.removeprefix(f"{TRAINED_SOURCE}: "), "#F0E442") for s in trained]
-    return alt.Color("source:N", title="routing", scale=alt.Scale(domain=bench + trained, range=colors))
+    short = f"replace(datum.label, {json.dumps(TRAINED_SOURCE + ': ')}, 'trained: ')"
+    return alt.Color("source:N", title="routing", scale=alt.Scale(domain=bench + trained, range=colors),
+                     legend=alt.Legend(labelExpr=short))
 
 
 def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Title,
@@ -205,7 +218,8 @@ def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Tit
     """``y`` vs capacity factor, a panel per E, colour = routing source, dash and shape = k; with
     ``ci``, rules from ``lo`` to ``hi``."""
     df = frame.assign(k=frame["top_k"].map(lambda k: f"k={int(k)}"),
-                      experts=frame["num_experts"].map(lambda e: f"E = {int(e)} experts"))
+                      experts=frame["experts"] if "experts" in frame else
+                      frame["num_experts"].map(lambda e: f"E = {int(e)} experts"))
     x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(df["cf_label"]),
               axis=alt.Axis(labelAngle=-40))  # upright, "2.0" and "dropless" overlap at SMALL_WIDTH
     color = _source_color(df)
@@ -215,21 +229,24 @@ def _capacity_panels(frame: pd.DataFrame, y: alt.Y, tooltip: str, title: alt.Tit
         tooltip=["source", "experts", "k", "cf_label", tooltip])]
     if ci:
         layers.append(alt.Chart().mark_rule().encode(x=x, y="lo:Q", y2="hi:Q", color=color))
-    experts = sorted(df["experts"].unique(), key=lambda e: int(e.split()[2]))
-    return alt.layer(*layers, data=df).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
+    experts = list(dict.fromkeys(df.sort_values("num_experts", kind="stable")["experts"]))
+    chart = alt.layer(*layers, data=df).properties(width=CAPACITY_WIDTH, height=SMALL_HEIGHT).facet(
         column=alt.Column("experts:N", title=None, sort=experts)).properties(title=title)
+    return chart.resolve_scale(y="independent") if df["experts"].str.startswith(TRAINED_PANEL).any() else chart
 
 
 def capacity_drop_chart(bench: pd.DataFrame, trained: pd.DataFrame | None = None) -> alt.FacetChart:
     """Dropped assignments (%) vs capacity factor (stats.bench_table), per E and k, for random and
     skewed logits and, from ``trained`` (stats.trained_drop_rates), trained routers."""
     cols = ["source", "num_experts", "top_k", "cf_label", "drop_rate_mean"]
-    parts = [bench[cols]] + ([trained[cols]] if trained is not None and len(trained) else [])
-    frame = pd.concat(parts, ignore_index=True)
+    frame = bench[cols].assign(experts=bench["num_experts"].map(lambda e: f"E = {int(e)} experts"))
+    if trained is not None and len(trained):  # its own panel: near zero, it would hide under the bench lines
+        frame = pd.concat([frame, trained[cols].assign(experts=trained["num_experts"].map(
+            lambda e: f"{TRAINED_PANEL}, E = {int(e)}"))], ignore_index=True)
     frame = frame.assign(drop_pct=100 * frame["drop_rate_mean"])
     return _capacity_panels(frame, alt.Y("drop_pct:Q", title="dropped assignments (%)"), "drop_pct",
-                            alt.Title("Capacity factor vs. drops",
-                                      subtitle="bench logits; trained: last eval interval"))
+                            alt.Title("Capacity factor vs. drops", subtitle="bench logits; trained routers: last "
+                                      "eval interval of Exp. A (own y scale)"))
 
 
 def capacity_throughput_chart(bench: pd.DataFrame) -> alt.FacetChart:
