@@ -14,7 +14,7 @@ One math, several speeds; tests prove them equal on the same routing:
   the kernels cannot run).
 
 Dropless (capacity None) ``einsum`` and ``padded`` size C to the fullest expert, which needs one
-host synchronisation; ``grouped`` needs none on CUDA.
+host synchronisation; ``grouped`` and ``fused`` need none on CUDA.
 """
 from __future__ import annotations
 

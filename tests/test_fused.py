@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_moe_core import VOCAB, outputs_and_grads
 
-from moe_core import ROUTERS, MoEConfig, MoEFeedForward
+from moe_core import ROUTERS, MoEConfig, MoEFeedForward, bench
 from moe_core.dispatch import BACKEND_FNS
 from moe_core.fused import HAS_TRITON, kernel_ops, make_plan, ops_torch, run_fused
 from moe_core.reference import reference_forward
@@ -55,9 +55,10 @@ def assert_all_close(got, want, rtol, atol, label):
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=f"{label} {name}")
 
 
-@needs_interpreter
+@pytest.mark.skipif(CUDA or not HAS_TRITON, reason="triton is not installed (or there is a GPU)")
 def test_cpu_runs_the_triton_kernels_interpreted():
-    """Where triton is installed and there is no GPU, the backend runs the kernels, not its PyTorch statement."""
+    """Where triton is installed and there is no GPU, the backend runs the kernels, not its PyTorch statement
+    (so the interpreted tests below cannot skip unnoticed)."""
     assert kernel_ops(torch.device("cpu"), torch.float64) is not ops_torch
     assert kernel_ops(torch.device("cpu"), torch.bfloat16) is ops_torch  # the interpreter's tl.dot mishandles bf16
 
@@ -194,3 +195,29 @@ def test_fused_cuda_bf16_at_bench_shapes_matches_grouped_and_is_deterministic(ac
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     for a, b in zip(first, grouped):
         assert rel_err(a, b) < 2e-2, f"{rel_err(a, b):.2e}"
+
+
+# -- the layer bench's fused and liger columns ----------------------------------------------------------------
+def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, capsys):
+    shape = {"tokens": 32, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2, "activation": "swiglu",
+             "capacity_factor": None}
+    cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["fused", "liger"], warmup=1)
+    df = bench.run_layer(cfg, tmp_path)
+    fused, liger = df.to_dict("records")
+    assert fused["status"] == "ok" and fused["moe_ms"] > 0 and fused["activation"] == "swiglu"
+    assert liger["status"] == "unavailable" and liger["note"] == "liger-kernel's fused MoE needs CUDA"
+    assert "no liger column at E=4 k=2 (none): liger-kernel's fused MoE needs CUDA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config,kwargs,message", [
+    ("LayerBenchConfig", {"backends": ["fused", "megablocks"]}, "LayerBenchConfig.backends: unknown ['megablocks']"),
+    ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1, "act": "gelu"}]},
+     "LayerBenchConfig.shapes: each shape maps"),
+    ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1,
+                                      "activation": "relu"}]}, "LayerBenchConfig.activation: unknown 'relu'"),
+    ("CapacityBenchConfig", {"backend": "fused"}, "CapacityBenchConfig.backend: fused has no dispatch apart"),
+])
+def test_bench_configs_name_the_bad_field(config, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        getattr(bench, config)(device="cpu", **kwargs)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
