@@ -5,7 +5,7 @@ fixed order (no atomics anywhere, so every result is bitwise reproducible).
 Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (A of them; the
 kept assignments first, sorted by expert; rows past the kept ones are never read). ``BM``/``BN``/``BK``
 tile rows, output columns and the reduction; ``ACC`` the accumulator dtype (float32, float64 for
-float64 inputs); ``PREC`` tl.dot's input precision (``ieee`` unless float32 may use TF32).
+float64 inputs); ``PREC`` tl.dot's input precision for float32 (``ieee`` unless torch allows TF32).
 
 Row tiles come from the plan (``moe_core.fused.plan``): program m of a grouped GEMM computes rows
 [tile_row[m], tile_row[m] + BM) of expert tile_expert[m], clipped to that expert's rows; a tile whose
@@ -24,18 +24,17 @@ from triton.runtime.interpreter import InterpretedFunction
 # True when triton was imported with its interpreter on (its own library built for it): the kernels
 # then run on CPU tensors. Imported earlier without it, on a machine with no GPU they cannot run.
 INTERPRETED = isinstance(tl.standard.zeros, InterpretedFunction)
-jit = triton.jit
 SQRT_HALF = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
-@jit
+@triton.jit
 def _gelu_grad(h):
     """d/dh of h * Phi(h): Phi(h) + h * phi(h)."""
     return 0.5 * (1.0 + tl.erf(h * SQRT_HALF)) + h * INV_SQRT_2PI * tl.exp(-0.5 * h * h)
 
 
-@jit
+@triton.jit
 def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
               E, D, F, sw_e, sw_k, sw_n,
               SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -71,7 +70,7 @@ def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert
     tl.store(a_ptr + out, act.to(a_ptr.dtype.element_ty), mask=ok)
 
 
-@jit
+@triton.jit
 def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
                 E, K, N, sb_e, sb_k, sb_n,
                 TWO: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -101,7 +100,7 @@ def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_r
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@jit
+@triton.jit
 def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr, dg_ptr,
                     tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n,
                     SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -137,7 +136,7 @@ def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr,
         tl.store(dh_ptr + out, (da * _gelu_grad(h)).to(dh_ptr.dtype.element_ty), mask=ok)
 
 
-@jit
+@triton.jit
 def tn_kernel(left_ptr, left_idx_ptr, right_ptr, right_idx_ptr, scale_ptr, out_ptr, ends_ptr, I, J,
               GATHER_LEFT: tl.constexpr, GATHER_RIGHT: tl.constexpr, SCALE: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
@@ -173,7 +172,7 @@ def tn_kernel(left_ptr, left_idx_ptr, right_ptr, right_idx_ptr, scale_ptr, out_p
              mask=i_ok[:, None] & j_ok[None, :])
 
 
-@jit
+@triton.jit
 def combine_kernel(rows_ptr, row_of_ptr, weight_ptr, offs_ptr, assign_ptr, out_ptr, D, NUM_ROWS,
                    WEIGHTED: tl.constexpr, ACC: tl.constexpr, BD: tl.constexpr):
     """out[t] = sum over token t's assignments a, in their fixed order, of weight[a] * rows[row_of[a]]
@@ -192,7 +191,7 @@ def combine_kernel(rows_ptr, row_of_ptr, weight_ptr, offs_ptr, assign_ptr, out_p
     tl.store(out_ptr + t * D + ds, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@jit
+@triton.jit
 def row_dot_kernel(dy_ptr, o_ptr, row_of_ptr, token_ptr, out_ptr, A, D, NUM_ROWS,
                    ACC: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
     """out[a] = <dy[token[a]], o[row_of[a]]>: the gradient of assignment a's gate weight (0 when dropped)."""

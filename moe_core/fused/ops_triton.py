@@ -34,9 +34,12 @@ _TN = _tuned(kernels.tn_kernel, _TN_CONFIGS, ["I", "J"])
 
 
 def _types(dtype: torch.dtype) -> dict:
-    """The accumulator dtype and tl.dot's input precision (TF32 only where torch allows it for float32)."""
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED
-    return {"ACC": tl.float64 if dtype == torch.float64 else tl.float32, "PREC": "tf32" if tf32 else "ieee"}
+    """The accumulator dtype and tl.dot's input precision: for float32, IEEE unless torch allows TF32;
+    other dtypes keep Triton's default (the precision applies to float32 only)."""
+    precision = None
+    if dtype == torch.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED else "ieee"
+    return {"ACC": tl.float64 if dtype == torch.float64 else tl.float32, "PREC": precision}
 
 
 def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
