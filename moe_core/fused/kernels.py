@@ -35,6 +35,19 @@ def _gelu_grad(h):
 
 
 @triton.jit
+def _row_tile(tile_row_ptr, ends_ptr, e, BM: tl.constexpr):
+    """The rows of this program's tile, and which of them are expert e's (the tile's tail may not be)."""
+    rows = tl.load(tile_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
+    return rows, rows < tl.load(ends_ptr + e)
+
+
+@triton.jit
+def _column_tile(n, BN: tl.constexpr):
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return cols, cols < n
+
+
+@triton.jit
 def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
               E, D, F, sw_e, sw_k, sw_n,
               SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -43,11 +56,9 @@ def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert
     e = tl.load(tile_expert_ptr + tl.program_id(0))
     if e >= E:
         return
-    rows = tl.load(tile_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
-    row_ok = rows < tl.load(ends_ptr + e)
+    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
     token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    col_ok = cols < F
+    cols, col_ok = _column_tile(F, BN)
     acc_h = tl.zeros((BM, BN), dtype=ACC)
     acc_g = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, D, BK):
@@ -79,10 +90,8 @@ def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_r
     e = tl.load(tile_expert_ptr + tl.program_id(0))
     if e >= E:
         return
-    rows = tl.load(tile_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
-    row_ok = rows < tl.load(ends_ptr + e)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    col_ok = cols < N
+    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
+    cols, col_ok = _column_tile(N, BN)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -110,11 +119,9 @@ def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr,
     e = tl.load(tile_expert_ptr + tl.program_id(0))
     if e >= E:
         return
-    rows = tl.load(tile_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
-    row_ok = rows < tl.load(ends_ptr + e)
+    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
     token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    col_ok = cols < F
+    cols, col_ok = _column_tile(F, BN)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
