@@ -12,7 +12,7 @@ from pathlib import Path
 ROUTERS = ("top1", "topk_hard", "softk", "hash", "expert_choice")
 """Router names (contract). Hyphenated spellings (``topk-hard``) are accepted as aliases."""
 
-BACKENDS = ("loop", "einsum", "padded", "grouped")
+BACKENDS = ("loop", "einsum", "padded", "grouped", "fused")
 ACTIVATIONS = ("gelu", "swiglu")
 DROP_POLICIES = ("order", "score")
 EC_EVAL_MODES = ("causal", "noncausal", "prefix")

@@ -9,9 +9,12 @@ One math, several speeds; tests prove them equal on the same routing:
 - ``einsum``: GShard-style one-hot dispatch/combine tensors [T, E, C] and einsums.
 - ``padded``: an [E, C, D] buffer + batched matmul (Switch/GShard baseline without the one-hot).
 - ``grouped``: sort by expert + grouped GEMM with offsets (``torch._grouped_mm``).
+- ``fused``: Triton kernels with the gather fused into the first expert GEMM and the weighted
+  combine after the second, forward and backward (``moe_core.fused``; its PyTorch statement where
+  the kernels cannot run).
 
 Dropless (capacity None) ``einsum`` and ``padded`` size C to the fullest expert, which needs one
-host synchronisation; ``grouped`` needs none on CUDA.
+host synchronisation; ``grouped`` and ``fused`` need none on CUDA.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import MoEConfig
+from .fused import run_fused
 from .routing import Routing
 
 
@@ -175,4 +179,5 @@ def run_grouped(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> torch
     return _combine(out_AD, routing)
 
 
-BACKEND_FNS = {"loop": run_loop, "einsum": run_einsum, "padded": run_padded, "grouped": run_grouped}
+BACKEND_FNS = {"loop": run_loop, "einsum": run_einsum, "padded": run_padded, "grouped": run_grouped,
+               "fused": run_fused}

@@ -76,6 +76,8 @@ def test_the_graph_sees_relative_and_absolute_imports():
     assert {"moe_core.routing", "moe_core.dispatch", "moe_core.config"} <= GRAPH["moe_core.moe"][0]
     assert "moe_core.train" in GRAPH["moe_core.sweep"][0]
     assert any(t.startswith("moe_core.data") for t in GRAPH["moe_core.train.config"][0])
+    assert "moe_core.fused" in GRAPH["moe_core.dispatch"][0]
+    assert _part("moe_core.fused.kernels") == "core"  # the fused backend's package sits at the core level
 
 
 def test_no_import_cycle():

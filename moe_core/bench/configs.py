@@ -115,6 +115,8 @@ class CapacityBenchConfig(BenchConfig):
             self._require(isinstance(getattr(self, name), list) and getattr(self, name), name, "must be a non-empty list")
         self._require(self.router in LOGIT_ROUTERS, "router", f"must be one of {', '.join(LOGIT_ROUTERS)}")
         self._require(self.backend in BACKEND_FNS, "backend", f"unknown {self.backend!r}; valid: {', '.join(BACKEND_FNS)}")
+        self._require(self.backend != "fused", "backend", "fused has no dispatch apart from its expert GEMMs (the "
+                      "gather runs inside the first); time it with the layer bench")
         try:
             sources = self.parsed_sources()
             self.moe_configs(self.experts)  # the core names a bad k, E or CF itself
@@ -141,34 +143,43 @@ class CapacityBenchConfig(BenchConfig):
                 for e in experts for k in self.top_k for cf in self.capacity_factors]
 
 
+LIGER = "liger"  # a layer-bench column: liger-kernel's fused MoE (SwiGLU, dropless, softk), where it imports
+
+
 @dataclass
 class LayerBenchConfig(BenchConfig):
     """The MoE layer's forward + backward against a dense FFN of hidden K*F (equal active FLOPs),
-    per dispatch backend and problem shape. Defaults are CPU-sized; the GPU shapes are in params/."""
+    per dispatch backend and problem shape. Defaults are CPU-sized; the GPU shapes are in params/.
+    A shape may set its own ``activation`` (default gelu) and ``capacity_factor`` (default: the
+    config's). Backends: the dispatch backends and ``liger``. The CPU default leaves ``fused`` out:
+    on a CPU its kernels run interpreted, a proof and not a speed."""
 
     shapes: list[dict] = field(default_factory=lambda: [
         {"tokens": 1024, "dim": 64, "hidden": 256, "experts": 8, "top_k": 2},
         {"tokens": 1024, "dim": 64, "hidden": 64, "experts": 16, "top_k": 4}])
     capacity_factor: float | None = 1.25
     router: str = "softk"
-    backends: list[str] = field(default_factory=lambda: list(BACKEND_FNS))
+    backends: list[str] = field(default_factory=lambda: ["loop", "einsum", "padded", "grouped"])
     # none (eager) | a torch.compile mode; the MoE layer and its dense baseline get the same mode,
     # since training runs compiled and Inductor fuses the pointwise dispatch/combine work
     compile_modes: list[str] = field(default_factory=lambda: ["none"])
 
     SECTION = "layer"
     SHAPE_KEYS = ("tokens", "dim", "hidden", "experts", "top_k")
+    SHAPE_OPTIONAL = ("activation", "capacity_factor")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require(isinstance(self.shapes, list) and self.shapes, "shapes", "must be a non-empty list")
         for shape in self.shapes:
-            self._require(isinstance(shape, dict) and set(shape) == set(self.SHAPE_KEYS)
-                          and all(isinstance(v, int) and v >= 1 for v in shape.values()), "shapes",
-                          f"each shape maps exactly {', '.join(self.SHAPE_KEYS)} to integers >= 1, got {shape!r}")
-        unknown = sorted(set(self.backends) - set(BACKEND_FNS))
-        self._require(bool(self.backends) and not unknown, "backends",
-                      f"unknown {unknown}; valid: {', '.join(BACKEND_FNS)}")
+            self._require(isinstance(shape, dict) and set(self.SHAPE_KEYS) <= set(shape)
+                          <= {*self.SHAPE_KEYS, *self.SHAPE_OPTIONAL}
+                          and all(isinstance(shape[k], int) and shape[k] >= 1 for k in self.SHAPE_KEYS), "shapes",
+                          f"each shape maps {', '.join(self.SHAPE_KEYS)} to integers >= 1 (and may set "
+                          f"{', '.join(self.SHAPE_OPTIONAL)}), got {shape!r}")
+        valid = [*BACKEND_FNS, LIGER]
+        unknown = sorted(set(self.backends) - set(valid))
+        self._require(bool(self.backends) and not unknown, "backends", f"unknown {unknown}; valid: {', '.join(valid)}")
         bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
         self._require(bool(self.compile_modes) and not bad_modes, "compile_modes",
                       f"unknown {bad_modes}; valid: none, {', '.join(COMPILE_MODES)}")
@@ -179,7 +190,8 @@ class LayerBenchConfig(BenchConfig):
 
     def moe_configs(self) -> list[MoEConfig]:
         return [MoEConfig(dim=s["dim"], hidden=s["hidden"], num_experts=s["experts"], top_k=s["top_k"],
-                          router=self.router, capacity_factor=self.capacity_factor) for s in self.shapes]
+                          router=self.router, capacity_factor=s.get("capacity_factor", self.capacity_factor),
+                          activation=s.get("activation", "gelu")) for s in self.shapes]
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The layer bench: what a whole MoE layer (forward + backward) costs next to a dense FFN of equal
 active FLOPs (hidden K*F), per problem shape, dispatch backend and compile mode, with MFU against
-the measured bf16 matmul peak on CUDA."""
+the measured bf16 matmul peak on CUDA. The ``liger`` column times liger-kernel's fused MoE on the
+same router and weights where it can run; elsewhere its row says why (status "unavailable")."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ from ..config import MoEConfig
 from ..flops import ffn_forward_flops_per_token, peak_flops
 from ..model import DenseFeedForward
 from ..moe import MoEFeedForward
-from .configs import LayerBenchConfig
+from .configs import LIGER, LayerBenchConfig
+from .liger import LigerMoE, liger_unavailable
 from .report import record
 from .timing import compiled, fwd_bwd, grad_inputs, guarded, time_median_ms
 
@@ -44,16 +46,34 @@ def _shape_rows(cfg: LayerBenchConfig, moe: MoEConfig, tokens: int, peak: float 
         dense_ms = guarded(lambda: {"ms": time_median_ms(fwd_bwd(compiled(dense, mode)), inputs, dev, **cfg.timing)}
                            ).get("ms", math.nan)
         for backend in cfg.backends:
-            layer.backend = backend
-            result = guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(compiled(layer, mode)), inputs, dev,
-                                                               **cfg.timing)})
+            result = _time_backend(cfg, layer, backend, mode, inputs)
             moe_ms = result.get("moe_ms", math.nan)
             rows.append({"bench": "layer", "tokens": tokens, "dim": moe.dim, "hidden": moe.hidden,
                          "num_experts": moe.num_experts, "top_k": moe.top_k, "capacity_factor": moe.capacity_factor,
-                         "router": cfg.router, "backend": backend, "compile_mode": mode, "status": result["status"],
+                         "activation": moe.activation, "router": cfg.router, "backend": backend, "compile_mode": mode,
+                         "status": result["status"], "note": result.get("note"),
                          "moe_ms": moe_ms, "dense_ms": dense_ms, "moe_over_dense": moe_ms / dense_ms,
                          "moe_tokens_per_s": tokens / (moe_ms / 1e3), "dense_tokens_per_s": tokens / (dense_ms / 1e3),
                          "moe_train_flops": flops, "dense_train_flops": dense_flops,
                          "moe_mfu": flops / (moe_ms / 1e3) / peak if peak else None,
                          "dense_mfu": dense_flops / (dense_ms / 1e3) / peak if peak else None})
     return rows
+
+
+def _time_backend(cfg: LayerBenchConfig, layer: MoEFeedForward, backend: str, mode: str, inputs: list) -> dict:
+    """{status, moe_ms} of one backend of the MoE layer, or of the liger column ({status, note} where it
+    cannot run or fails: a third-party kernel, so its failure is a note, not the end of the bench)."""
+    dev = cfg.torch_device
+    if backend != LIGER:
+        layer.backend = backend
+        return guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(compiled(layer, mode)), inputs, dev, **cfg.timing)})
+    note = liger_unavailable(layer.cfg, dev)
+    if note is None:
+        liger = LigerMoE(layer)
+        try:
+            return guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(compiled(liger, mode)), inputs, dev,
+                                                             **cfg.timing)})
+        except Exception as err:
+            note = f"liger-kernel failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    print(f"layer bench: no liger column at E={layer.cfg.num_experts} k={layer.cfg.top_k} ({mode}): {note}")
+    return {"status": "unavailable", "note": note}

@@ -1,0 +1,217 @@
+"""Triton kernels of the fused MoE backend: grouped GEMMs over expert-sorted rows with the token
+gather fused into their loads, activation epilogues, and the weighted combine as a per-token sum in a
+fixed order (no atomics anywhere, so every result is bitwise reproducible).
+
+Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (A of them; the
+kept assignments first, sorted by expert; rows past the kept ones are never read). ``BM``/``BN``/``BK``
+tile rows, output columns and the reduction; ``ACC`` the accumulator dtype (float32, float64 for
+float64 inputs); ``PREC`` tl.dot's input precision for float32 (``ieee`` unless torch allows TF32).
+
+Row tiles come from the plan (``moe_core.fused.plan``): program m of a grouped GEMM computes rows
+[tile_row[m], tile_row[m] + BM) of expert tile_expert[m], clipped to that expert's rows; a tile whose
+expert is E is empty (the grid is an upper bound, so no host synchronisation sizes it).
+
+On a machine without CUDA, importing ``moe_core.fused`` turns Triton's interpreter on
+(TRITON_INTERPRET=1 unless set) before triton is first imported: the kernels then run on CPU tensors
+(float32, float64; its tl.dot mishandles bf16), program by program in NumPy: their CPU proof.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# True when triton was imported with its interpreter on (its own library built for it): the kernels
+# then run on CPU tensors. Imported earlier without it, on a machine with no GPU they cannot run.
+INTERPRETED = isinstance(tl.standard.zeros, InterpretedFunction)
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _gelu_grad(h):
+    """d/dh of h * Phi(h): Phi(h) + h * phi(h)."""
+    return 0.5 * (1.0 + tl.erf(h * SQRT_HALF)) + h * INV_SQRT_2PI * tl.exp(-0.5 * h * h)
+
+
+@triton.jit
+def _row_tile(tile_row_ptr, ends_ptr, e, BM: tl.constexpr):
+    """The rows of this program's tile, and which of them are expert e's (the tile's tail may not be)."""
+    rows = tl.load(tile_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
+    return rows, rows < tl.load(ends_ptr + e)
+
+
+@triton.jit
+def _column_tile(n, BN: tl.constexpr):
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return cols, cols < n
+
+
+@triton.jit
+def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
+              E, D, F, sw_e, sw_k, sw_n,
+              SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); a = gelu(h), or silu(g) * h. Stores h, g, a."""
+    e = tl.load(tile_expert_ptr + tl.program_id(0))
+    if e >= E:
+        return
+    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
+    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    cols, col_ok = _column_tile(F, BN)
+    acc_h = tl.zeros((BM, BN), dtype=ACC)
+    acc_g = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < D
+        x = tl.load(x_ptr + token[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_off = e * sw_e + ks[:, None] * sw_k + cols[None, :] * sw_n
+        w_ok = k_ok[:, None] & col_ok[None, :]
+        acc_h = tl.dot(x, tl.load(w1_ptr + w_off, mask=w_ok, other=0.0), acc_h, input_precision=PREC)
+        if SWIGLU:
+            acc_g = tl.dot(x, tl.load(w3_ptr + w_off, mask=w_ok, other=0.0), acc_g, input_precision=PREC)
+    out = rows[:, None] * F + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(h_ptr + out, acc_h.to(h_ptr.dtype.element_ty), mask=ok)
+    if SWIGLU:
+        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=ok)
+        act = acc_g * tl.sigmoid(acc_g) * acc_h
+    else:
+        act = 0.5 * acc_h * (1.0 + tl.erf(acc_h * SQRT_HALF))
+    tl.store(a_ptr + out, act.to(a_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
+                E, K, N, sb_e, sb_k, sb_n,
+                TWO: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[n] = a1[n] @ B1[e] (+ a2[n] @ B2[e]) for the rows n of expert e; B1, B2 share strides."""
+    e = tl.load(tile_expert_ptr + tl.program_id(0))
+    if e >= E:
+        return
+    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
+    cols, col_ok = _column_tile(N, BN)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        a_off = rows[:, None] * K + ks[None, :]
+        a_ok = row_ok[:, None] & k_ok[None, :]
+        b_off = e * sb_e + ks[:, None] * sb_k + cols[None, :] * sb_n
+        b_ok = k_ok[:, None] & col_ok[None, :]
+        acc = tl.dot(tl.load(a1_ptr + a_off, mask=a_ok, other=0.0), tl.load(b1_ptr + b_off, mask=b_ok, other=0.0),
+                     acc, input_precision=PREC)
+        if TWO:
+            acc = tl.dot(tl.load(a2_ptr + a_off, mask=a_ok, other=0.0),
+                         tl.load(b2_ptr + b_off, mask=b_ok, other=0.0), acc, input_precision=PREC)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr, dg_ptr,
+                    tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n,
+                    SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """da = weight[n] * dy[token[n]] @ W2[e]^T (the gather fused into the loads, the gate weight into
+    the epilogue), then the activation's backward from the stored h (and g): dh (and dg)."""
+    e = tl.load(tile_expert_ptr + tl.program_id(0))
+    if e >= E:
+        return
+    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
+    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    cols, col_ok = _column_tile(F, BN)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for k0 in range(0, D, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < D
+        dy = tl.load(dy_ptr + token[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w2_ptr + e * sw_e + ks[:, None] * sw_k + cols[None, :] * sw_n,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=PREC)
+    da = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    out = rows[:, None] * F + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    h = tl.load(h_ptr + out, mask=ok, other=0.0).to(ACC)
+    if SWIGLU:
+        g = tl.load(g_ptr + out, mask=ok, other=0.0).to(ACC)
+        s = tl.sigmoid(g)
+        tl.store(dh_ptr + out, (da * g * s).to(dh_ptr.dtype.element_ty), mask=ok)
+        tl.store(dg_ptr + out, (da * h * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(dh_ptr + out, (da * _gelu_grad(h)).to(dh_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def tn_kernel(left_ptr, left_idx_ptr, right_ptr, right_idx_ptr, scale_ptr, out_ptr, ends_ptr, I, J,
+              GATHER_LEFT: tl.constexpr, GATHER_RIGHT: tl.constexpr, SCALE: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
+    """out[e] = sum over the rows n of expert e of left[l(n)]^T (scale[n] * right[r(n)]), l and r the
+    optional row gathers: the weight gradients. One program per (expert, output tile) reduces its
+    rows in order (no split-K, no atomics)."""
+    e = tl.program_id(0).to(tl.int64)
+    tiles_j = tl.cdiv(J, BJ)
+    i_s = (tl.program_id(1) // tiles_j) * BI + tl.arange(0, BI)
+    j_s = (tl.program_id(1) % tiles_j) * BJ + tl.arange(0, BJ)
+    i_ok, j_ok = i_s < I, j_s < J
+    start = tl.where(e > 0, tl.load(ends_ptr + tl.maximum(e - 1, 0)), 0)
+    end = tl.load(ends_ptr + e)
+    acc = tl.zeros((BI, BJ), dtype=ACC)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        row_ok = rows < end
+        left_rows = rows
+        if GATHER_LEFT:
+            left_rows = tl.load(left_idx_ptr + rows, mask=row_ok, other=0)
+        right_rows = rows
+        if GATHER_RIGHT:
+            right_rows = tl.load(right_idx_ptr + rows, mask=row_ok, other=0)
+        left = tl.load(left_ptr + left_rows[:, None] * I + i_s[None, :], mask=row_ok[:, None] & i_ok[None, :],
+                       other=0.0)
+        right = tl.load(right_ptr + right_rows[:, None] * J + j_s[None, :], mask=row_ok[:, None] & j_ok[None, :],
+                        other=0.0)
+        if SCALE:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+            right = (right * scale[:, None]).to(right_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(left), right, acc, input_precision=PREC)
+    tl.store(out_ptr + e * I * J + i_s[:, None] * J + j_s[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=i_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def combine_kernel(rows_ptr, row_of_ptr, weight_ptr, offs_ptr, assign_ptr, out_ptr, D, NUM_ROWS,
+                   WEIGHTED: tl.constexpr, ACC: tl.constexpr, BD: tl.constexpr):
+    """out[t] = sum over token t's assignments a, in their fixed order, of weight[a] * rows[row_of[a]]
+    (weight 1 when not WEIGHTED); a dropped assignment (row_of[a] == NUM_ROWS) is skipped."""
+    t = tl.program_id(0).to(tl.int64)
+    ds = tl.program_id(1) * BD + tl.arange(0, BD)
+    d_ok = ds < D
+    acc = tl.zeros((BD,), dtype=ACC)
+    for i in range(tl.load(offs_ptr + t), tl.load(offs_ptr + t + 1)):
+        a = tl.load(assign_ptr + i)
+        row = tl.load(row_of_ptr + a) + 0 * ds  # a block: the interpreter cannot mask with a scalar
+        value = tl.load(rows_ptr + row * D + ds, mask=d_ok & (row < NUM_ROWS), other=0.0).to(ACC)
+        if WEIGHTED:
+            value = value * tl.load(weight_ptr + a).to(ACC)
+        acc += value
+    tl.store(out_ptr + t * D + ds, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def row_dot_kernel(dy_ptr, o_ptr, row_of_ptr, token_ptr, out_ptr, A, D, NUM_ROWS,
+                   ACC: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr):
+    """out[a] = <dy[token[a]], o[row_of[a]]>: the gradient of assignment a's gate weight (0 when dropped)."""
+    assign = tl.program_id(0) * BA + tl.arange(0, BA)
+    a_ok = assign < A
+    row = tl.load(row_of_ptr + assign, mask=a_ok, other=NUM_ROWS)
+    token = tl.load(token_ptr + assign, mask=a_ok, other=0)
+    kept = a_ok & (row < NUM_ROWS)
+    acc = tl.zeros((BA,), dtype=ACC)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        ok = kept[:, None] & (ds < D)[None, :]
+        o = tl.load(o_ptr + row[:, None] * D + ds[None, :], mask=ok, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + token[:, None] * D + ds[None, :], mask=ok, other=0.0).to(ACC)
+        acc += tl.sum(o * dy, axis=1)
+    tl.store(out_ptr + assign, acc.to(out_ptr.dtype.element_ty), mask=a_ok)

@@ -1,0 +1,106 @@
+"""The fused backend's steps in PyTorch, one function per kernel of ``ops_triton`` with the same
+arguments and results: where the kernels cannot run (no Triton; bf16/fp16 on a CPU, float64 on a
+GPU) the backend computes the same decomposition, forward and backward, with these. A loop over the
+experts' row segments (one host synchronisation per call, which a CPU does not notice).
+
+Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (see ``plan``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .plan import FusedPlan
+
+BLOCK_ROWS = 16  # rows per tile of the plan (the loops here do not tile)
+
+
+def _segments(plan: FusedPlan):
+    """(e, start, end) of each expert that holds rows."""
+    start = 0
+    for e, end in enumerate(plan.ends_E.tolist()):
+        if end > start:
+            yield e, start, end
+        start = end
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def up(x_TD, plan: FusedPlan, w1_EDF, w3_EDF):
+    """(h, g or None, a) of every kept row: h = x W1, g = x W3, a = gelu(h) or silu(g) * h."""
+    N, Fh = plan.assign_N.numel(), w1_EDF.shape[-1]
+    h_NF, a_NF = x_TD.new_zeros(N, Fh), x_TD.new_zeros(N, Fh)
+    g_NF = x_TD.new_zeros(N, Fh) if w3_EDF is not None else None
+    for e, s, t in _segments(plan):
+        x_RD = x_TD[plan.token_N[s:t]]
+        h_NF[s:t] = x_RD @ w1_EDF[e]
+        if g_NF is None:
+            a_NF[s:t] = F.gelu(h_NF[s:t])
+        else:
+            g_NF[s:t] = x_RD @ w3_EDF[e]
+            a_NF[s:t] = F.silu(g_NF[s:t]) * h_NF[s:t]
+    return h_NF, g_NF, a_NF
+
+
+def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
+    """out[n] = a1[n] B1[e] (+ a2[n] B2[e]) for the rows n of expert e."""
+    out_NJ = a1_NK.new_zeros(plan.assign_N.numel(), b1_EKJ.shape[-1])
+    for e, s, t in _segments(plan):
+        out_NJ[s:t] = a1_NK[s:t] @ b1_EKJ[e]
+        if a2_NK is not None:
+            out_NJ[s:t] += a2_NK[s:t] @ b2_EKJ[e]
+    return out_NJ
+
+
+def act_grad(dy_TD, plan: FusedPlan, weight_N, w2t_EDF, h_NF, g_NF):
+    """(dh, dg or None): da = weight * dy[token] W2^T through the activation's derivative."""
+    dh_NF = torch.zeros_like(h_NF)
+    dg_NF = torch.zeros_like(g_NF) if g_NF is not None else None
+    acc = _acc(h_NF.dtype)
+    for e, s, t in _segments(plan):
+        da = (dy_TD[plan.token_N[s:t]] @ w2t_EDF[e]).to(acc) * weight_N[s:t, None].to(acc)
+        h = h_NF[s:t].to(acc)
+        if g_NF is None:
+            gelu_grad = 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
+            dh_NF[s:t] = da * gelu_grad
+        else:
+            g = g_NF[s:t].to(acc)
+            sig = torch.sigmoid(g)
+            dh_NF[s:t] = da * g * sig
+            dg_NF[s:t] = da * h * sig * (1.0 + g * (1.0 - sig))
+    return dh_NF, dg_NF
+
+
+def tn(left, left_idx_N, right, right_idx_N, scale_N, plan: FusedPlan):
+    """out[e] = sum over expert e's rows n of left[l(n)]^T (scale[n] * right[r(n)]): weight gradients."""
+    out_EIJ = left.new_zeros(plan.num_experts, left.shape[-1], right.shape[-1])
+    for e, s, t in _segments(plan):
+        left_RI = left[left_idx_N[s:t]] if left_idx_N is not None else left[s:t]
+        right_RJ = right[right_idx_N[s:t]] if right_idx_N is not None else right[s:t]
+        if scale_N is not None:
+            right_RJ = (right_RJ * scale_N[s:t, None]).to(right.dtype)
+        out_EIJ[e] = left_RI.t() @ right_RJ
+    return out_EIJ
+
+
+def combine(rows_ND, plan: FusedPlan, weight_A=None):
+    """out[t] = sum over token t's kept assignments a of weight[a] * rows[row_A[a]] (weight 1 when None)."""
+    N, acc = rows_ND.shape[0], _acc(rows_ND.dtype)
+    kept_A = plan.row_A < N
+    value_AD = rows_ND[plan.row_A.clamp(max=N - 1)].to(acc)
+    if weight_A is not None:
+        value_AD = value_AD * weight_A.to(acc).unsqueeze(-1)
+    value_AD = torch.where(kept_A.unsqueeze(-1), value_AD, 0)  # a dropped slot may read another token's row
+    out_TD = value_AD.new_zeros(plan.num_tokens, rows_ND.shape[1]).index_add_(0, plan.token_A, value_AD)
+    return out_TD.to(rows_ND.dtype)
+
+
+def row_dot(dy_TD, o_ND, plan: FusedPlan, out_dtype: torch.dtype):
+    """<dy[token[a]], o[row_A[a]]> per assignment: its gate weight's gradient (0 when dropped)."""
+    N, acc = o_ND.shape[0], _acc(o_ND.dtype)
+    dot_A = (dy_TD[plan.token_A].to(acc) * o_ND[plan.row_A.clamp(max=N - 1)].to(acc)).sum(-1)
+    return torch.where(plan.row_A < N, dot_A, 0).to(out_dtype)

@@ -1,0 +1,126 @@
+"""Launchers of the fused backend's Triton kernels (``kernels``), one per step, with the same
+arguments and results as ``ops_torch``. Compiled on CUDA, the GEMM kernels are autotuned over their
+column and reduction tiles (the row tile BM is fixed: the plan's tiles depend on it); under Triton's
+interpreter (CPU tensors) they run with small fixed tiles.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (see ``plan``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import kernels
+from .kernels import INTERPRETED
+from .plan import FusedPlan
+
+BLOCK_ROWS = 16 if INTERPRETED else 128  # BM
+_SMALL = {"BN": 32, "BK": 32}  # the interpreter's tiles (tl.dot wants >= 16)
+_GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+                 for bn, bk, w, s in [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 5)]]
+_TN_CONFIGS = [triton.Config({"BI": bi, "BJ": bj, "BR": br}, num_warps=w, num_stages=s)
+               for bi, bj, br, w, s in [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)]]
+
+
+def _tuned(kernel, configs, key):
+    return kernel if INTERPRETED else triton.autotune(configs, key=key)(kernel)
+
+
+_UP = _tuned(kernels.up_kernel, _GEMM_CONFIGS, ["D", "F"])
+_ROWS = _tuned(kernels.rows_kernel, _GEMM_CONFIGS, ["K", "N"])
+_ACT_GRAD = _tuned(kernels.act_grad_kernel, _GEMM_CONFIGS, ["D", "F"])
+_TN = _tuned(kernels.tn_kernel, _TN_CONFIGS, ["I", "J"])
+
+
+def _types(dtype: torch.dtype) -> dict:
+    """The accumulator dtype and tl.dot's input precision: for float32, IEEE unless torch allows TF32;
+    other dtypes keep Triton's default (the precision applies to float32 only)."""
+    precision = None
+    if dtype == torch.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED else "ieee"
+    return {"ACC": tl.float64 if dtype == torch.float64 else tl.float32, "PREC": precision}
+
+
+def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
+    """Launch a row-tiled grouped GEMM: one program per (row tile, column tile)."""
+    tiles = plan.tile_expert_M.numel()
+    if INTERPRETED:
+        kernel[(tiles, triton.cdiv(columns, _SMALL["BN"]))](*args, **meta, BM=plan.block_rows, **_SMALL)
+    else:
+        kernel[lambda m: (tiles, triton.cdiv(columns, m["BN"]))](*args, **meta, BM=plan.block_rows)
+
+
+def _tile_args(plan: FusedPlan) -> tuple:
+    return plan.tile_expert_M, plan.tile_row_M, plan.ends_E
+
+
+def up(x_TD, plan: FusedPlan, w1_EDF, w3_EDF):
+    N, (E, D, Fh) = plan.assign_N.numel(), w1_EDF.shape
+    h_NF, a_NF = x_TD.new_empty(N, Fh), x_TD.new_empty(N, Fh)
+    g_NF = x_TD.new_empty(N, Fh) if w3_EDF is not None else None
+    swiglu = w3_EDF is not None
+    assert not swiglu or w3_EDF.stride() == w1_EDF.stride(), "w1 and w3 must share strides"
+    _grouped(_UP, plan, Fh, x_TD, plan.token_N, w1_EDF, w3_EDF if swiglu else w1_EDF, h_NF,
+             g_NF if swiglu else h_NF, a_NF, *_tile_args(plan), E, D, Fh, *w1_EDF.stride(),
+             SWIGLU=swiglu, **_types(x_TD.dtype))
+    return h_NF, g_NF, a_NF
+
+
+def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
+    (E, K, J), two = b1_EKJ.shape, a2_NK is not None
+    assert not two or b2_EKJ.stride() == b1_EKJ.stride(), "B1 and B2 must share strides"
+    out_NJ = a1_NK.new_empty(plan.assign_N.numel(), J)
+    _grouped(_ROWS, plan, J, a1_NK, b1_EKJ, a2_NK if two else a1_NK, b2_EKJ if two else b1_EKJ, out_NJ,
+             *_tile_args(plan), E, K, J, *b1_EKJ.stride(), TWO=two, **_types(a1_NK.dtype))
+    return out_NJ
+
+
+def act_grad(dy_TD, plan: FusedPlan, weight_N, w2t_EDF, h_NF, g_NF):
+    E, D, Fh = w2t_EDF.shape
+    swiglu = g_NF is not None
+    dh_NF = torch.empty_like(h_NF)
+    dg_NF = torch.empty_like(g_NF) if swiglu else None
+    _grouped(_ACT_GRAD, plan, Fh, dy_TD, plan.token_N, weight_N, w2t_EDF, h_NF, g_NF if swiglu else h_NF, dh_NF,
+             dg_NF if swiglu else dh_NF, *_tile_args(plan), E, D, Fh, *w2t_EDF.stride(), SWIGLU=swiglu,
+             **_types(h_NF.dtype))
+    return dh_NF, dg_NF
+
+
+def tn(left, left_idx_N, right, right_idx_N, scale_N, plan: FusedPlan):
+    E, I, J = plan.num_experts, left.shape[-1], right.shape[-1]
+    out_EIJ = left.new_empty(E, I, J)
+    args = (left, left_idx_N if left_idx_N is not None else plan.token_N, right,
+            right_idx_N if right_idx_N is not None else plan.token_N, scale_N if scale_N is not None else right,
+            out_EIJ, plan.ends_E, I, J)
+    meta = dict(GATHER_LEFT=left_idx_N is not None, GATHER_RIGHT=right_idx_N is not None, SCALE=scale_N is not None,
+                **_types(left.dtype))
+    if INTERPRETED:
+        _TN[(E, triton.cdiv(I, 32) * triton.cdiv(J, 32))](*args, **meta, BI=32, BJ=32, BR=16)
+    else:
+        _TN[lambda m: (E, triton.cdiv(I, m["BI"]) * triton.cdiv(J, m["BJ"]))](*args, **meta)
+    return out_EIJ
+
+
+def _block(n: int, cap: int) -> int:
+    return min(cap, triton.next_power_of_2(n))
+
+
+def combine(rows_ND, plan: FusedPlan, weight_A=None):
+    N, D = rows_ND.shape
+    out_TD = rows_ND.new_empty(plan.num_tokens, D)
+    block = _block(D, 1024)
+    kernels.combine_kernel[(plan.num_tokens, triton.cdiv(D, block))](
+        rows_ND, plan.row_A, weight_A if weight_A is not None else rows_ND, plan.token_offs_T1, plan.token_assign_A,
+        out_TD, D, N, WEIGHTED=weight_A is not None, BD=block, **_types(rows_ND.dtype))
+    return out_TD
+
+
+def row_dot(dy_TD, o_ND, plan: FusedPlan, out_dtype: torch.dtype):
+    (N, D), A = o_ND.shape, plan.row_A.numel()
+    out_A = torch.empty(A, dtype=out_dtype, device=o_ND.device)
+    block_a = 16
+    kernels.row_dot_kernel[(triton.cdiv(A, block_a),)](dy_TD, o_ND, plan.row_A, plan.token_A, out_A, A, D, N,
+                                                       ACC=_types(o_ND.dtype)["ACC"], BA=block_a,
+                                                       BD=_block(D, 256))
+    return out_A

@@ -1,0 +1,223 @@
+"""The fused backend: its Triton kernels (under Triton's interpreter on CPU, compiled on a GPU) and its
+PyTorch statement compute the layer's math, outputs and gradients (x, expert weights, router), for
+every router, with and without capacity, GELU and SwiGLU.
+
+On CPU the kernels run interpreted in float32 and float64 at shapes that span several row, column
+and reduction tiles (so the masks and tile seams are exercised); tests/test_moe_core.py holds every
+backend, this one included, to the per-token reference over all its routing cases. The tests marked
+for CUDA (bf16 tolerance, real sizes, speed-relevant shapes) run on the GPU: `pytest -k fused`.
+"""
+import pytest
+import torch
+from test_moe_core import VOCAB, outputs_and_grads
+
+from moe_core import ROUTERS, MoEConfig, MoEFeedForward, bench
+from moe_core.dispatch import BACKEND_FNS
+from moe_core.fused import HAS_TRITON, kernel_ops, make_plan, ops_torch, run_fused
+from moe_core.reference import reference_forward
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_interpreter = pytest.mark.skipif(
+    CUDA or not HAS_TRITON or kernel_ops(torch.device("cpu"), torch.float32) is ops_torch,
+    reason="the kernels run on CPU only under Triton's interpreter (triton missing, or imported before "
+           "moe_core without TRITON_INTERPRET=1)")
+CASES = [(router, cf, act) for router in ROUTERS for cf in (1.0, None) for act in ("gelu", "swiglu")
+         if not (router == "expert_choice" and cf is None)]
+
+
+def fused_layer(router, cf, activation, *, T=40, D=40, F=36, E=4, k=2, dtype=torch.float32, device="cpu", seed=0,
+                **kw):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=D, hidden=F, num_experts=E, top_k=1 if router == "top1" else k, router=router,
+                    capacity_factor=cf, activation=activation, hash_vocab_size=VOCAB, router_init_std=1.0, **kw)
+    layer = MoEFeedForward(cfg).to(device=device, dtype=dtype)
+    x = torch.randn(T, D, dtype=dtype, device=device)
+    ids = torch.randint(0, VOCAB, (T,), device=device)
+    return layer, x, ids
+
+
+def with_backend(layer, ids, fn):
+    """forward(x) through the layer's router and ``fn`` as its dispatch backend."""
+    def forward(x):
+        routing, _, _ = layer.router(x.reshape(-1, layer.cfg.dim), ids)
+        return fn(x, routing, layer.experts)
+    return forward
+
+
+def fused_with(ops):
+    return lambda x, routing, experts: run_fused(x, routing, experts, ops)
+
+
+def assert_all_close(got, want, rtol, atol, label):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=f"{label} {name}")
+
+
+@pytest.mark.skipif(CUDA or not HAS_TRITON, reason="triton is not installed (or there is a GPU)")
+def test_cpu_runs_the_triton_kernels_interpreted():
+    """Where triton is installed and there is no GPU, the backend runs the kernels, not its PyTorch statement
+    (so the interpreted tests below cannot skip unnoticed)."""
+    assert kernel_ops(torch.device("cpu"), torch.float64) is not ops_torch
+    assert kernel_ops(torch.device("cpu"), torch.bfloat16) is ops_torch  # the interpreter's tl.dot mishandles bf16
+
+
+@needs_interpreter
+@pytest.mark.parametrize("router,cf,activation", CASES)
+def test_kernels_match_reference_float64(router, cf, activation):
+    """The interpreted kernels, the PyTorch statement and the loop backend equal the per-token
+    reference in float64 (outputs and every gradient), and each other to float64 rounding."""
+    layer, x, ids = fused_layer(router, cf, activation, dtype=torch.float64)
+    if cf is not None and router != "expert_choice":
+        assert layer(x, ids)[1].drop_rate > 0, "the case must drop something"
+    want = outputs_and_grads(layer, x, lambda v: reference_forward(layer, v, ids))
+    loop = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["loop"]))
+    for label, ops in (("kernels", kernel_ops(x.device, x.dtype)), ("torch", ops_torch)):
+        got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops)))
+        assert_all_close(got, want, 1e-5, 1e-5, label)  # the router's gates are float32 by contract
+        assert_all_close(got, loop, 1e-12, 1e-12, label)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("router,cf,activation", [c for c in CASES if c[0] in ("softk", "expert_choice", "hash")])
+def test_kernels_match_loop_and_grouped_float32(router, cf, activation):
+    layer, x, ids = fused_layer(router, cf, activation, T=48, seed=1)
+    got = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["fused"]))
+    for backend in ("loop", "grouped"):
+        want = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS[backend]))
+        assert_all_close(got, want, 1e-5, 1e-5, backend)
+
+
+@pytest.mark.parametrize("router", ["softk", "expert_choice"])
+def test_plan_holds_each_kept_assignment_once_sorted_by_expert(router):
+    """Kept assignments get rows expert by expert (capacity saves compute: a dropped one gets none), and
+    the row tiles cover every expert's rows exactly once. Expert choice drops only in its prefix rule."""
+    layer, x, _ = fused_layer(router, 0.75, "gelu", T=36, ec_eval="prefix")
+    routing, _, _ = layer.train(router == "softk").router(x, None, 12)  # 3 sequences of 12
+    plan = make_plan(routing, block_rows=4)
+    kept = routing.keep_A.nonzero().squeeze(-1)
+    n_kept = int(plan.ends_E[-1])
+    assert n_kept == kept.numel() < routing.keep_A.numel()
+    assert torch.equal(plan.row_A[~routing.keep_A], torch.full_like(plan.row_A[~routing.keep_A], plan.row_A.numel()))
+    assert torch.equal(torch.sort(plan.row_A[kept]).values, torch.arange(n_kept))
+    assert torch.equal(plan.assign_N[plan.row_A[kept]], kept)
+    assert torch.equal(routing.expert_A[plan.assign_N[:n_kept]], torch.sort(routing.expert_A[kept]).values)
+    covered = torch.zeros(n_kept, dtype=torch.long)
+    for e, row in zip(plan.tile_expert_M.tolist(), plan.tile_row_M.tolist()):
+        if e < routing.num_experts:
+            covered[row:min(row + 4, int(plan.ends_E[e]))] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_fused_is_bitwise_deterministic_and_a_dropped_token_leaves_as_zero(activation):
+    def run():
+        layer, x, _ = fused_layer("softk", 0.5, activation, seed=3)
+        layer.backend = "fused"
+        x.requires_grad_(True)
+        y, stats = layer(x)
+        y.square().sum().backward()
+        return y, x.grad, [p.grad for p in layer.parameters()], layer, x
+
+    (y1, g1, p1, layer, x), (y2, g2, p2, _, _) = run(), run()
+    assert torch.equal(y1, y2) and torch.equal(g1, g2) and all(torch.equal(a, b) for a, b in zip(p1, p2))
+    routing, _, _ = layer.router(x, None)
+    dropped_T = ~routing.keep_A.view(-1, layer.cfg.top_k).any(-1)
+    assert dropped_T.any() and torch.equal(y1[dropped_T], torch.zeros_like(y1[dropped_T]))
+
+
+def test_fused_under_torch_compile_equals_eager():
+    """torch.compile compiles around the fused function (a graph break), as the layer bench times it."""
+    layer, x, _ = fused_layer("softk", 1.25, "swiglu", T=24, D=16, F=24)
+    layer.backend = "fused"
+    eager = outputs_and_grads(layer, x, lambda v: layer(v)[0])
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    assert_all_close(outputs_and_grads(layer, x, lambda v: compiled(v)[0]), eager, 1e-5, 1e-6, "compiled")
+
+
+# -- on a GPU: compiled kernels, bf16, sizes where the tiles are full ------------------------------------------
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("router,cf,activation", CASES)
+def test_fused_cuda_float32_matches_loop(router, cf, activation):
+    layer, x, ids = fused_layer(router, cf, activation, T=1024, D=256, F=384, E=8, device="cuda")
+    got = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["fused"]))
+    want = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["loop"]))
+    for name in want:  # tl.dot in IEEE float32 unless torch allows TF32
+        assert rel_err(got[name], want[name]) < 1e-4, f"{name}: {rel_err(got[name], want[name]):.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("router,cf,activation", CASES)
+def test_fused_cuda_bf16_autocast_within_tolerance_of_float64(router, cf, activation):
+    """bf16 under autocast (the training dtype) against the float64 loop backend on the same routing:
+    outputs and gradients within 2e-2 relative (the tolerance test_gpu.py holds every backend to)."""
+    layer, x, ids = fused_layer(router, cf, activation, T=4096, D=512, F=1024, E=8, device="cuda")
+    with torch.no_grad():  # one routing read by both graphs; the router's gradient is tested in float32
+        routing, _, _ = layer.router(x, ids)
+    x64 = x.double().requires_grad_(True)
+    experts64 = MoEFeedForward(layer.cfg).cuda().double().experts
+    experts64.load_state_dict(layer.experts.state_dict())
+    dy = torch.randn_like(x)
+    y64 = BACKEND_FNS["loop"](x64, routing, experts64)
+    want = torch.autograd.grad(y64, [x64, *experts64.parameters()], dy.double())
+    x32 = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = BACKEND_FNS["fused"](x32, routing, layer.experts)
+    got = torch.autograd.grad(y, [x32, *layer.experts.parameters()], dy.to(y.dtype))
+    assert y.dtype == torch.bfloat16 and rel_err(y, y64) < 2e-2, f"y: {rel_err(y, y64):.2e}"
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 2e-2, f"grad: {rel_err(g, w):.2e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("E,k,F,cf", [(8, 2, 4096, 1.25), (64, 8, 1024, None)])
+def test_fused_cuda_bf16_at_bench_shapes_matches_grouped_and_is_deterministic(activation, E, k, F, cf):
+    """The layer bench's shapes (T=16k here, to spare memory): fused equals grouped to bf16 rounding,
+    and two runs are bitwise equal."""
+    layer, x, _ = fused_layer("softk", cf, activation, T=16384, D=1024, F=F, E=E, k=k, device="cuda",
+                              dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+
+    def run(backend):
+        layer.backend = backend
+        xg = x.clone().requires_grad_(True)
+        y, _ = layer(xg)
+        return [y, *torch.autograd.grad(y, [xg, *layer.parameters()], dy)]
+
+    first, again, grouped = run("fused"), run("fused"), run("grouped")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for a, b in zip(first, grouped):
+        assert rel_err(a, b) < 2e-2, f"{rel_err(a, b):.2e}"
+
+
+# -- the layer bench's fused and liger columns ----------------------------------------------------------------
+def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, capsys):
+    shape = {"tokens": 32, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2, "activation": "swiglu",
+             "capacity_factor": None}
+    cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["fused", "liger"], warmup=1)
+    df = bench.run_layer(cfg, tmp_path)
+    fused, liger = df.to_dict("records")
+    assert fused["status"] == "ok" and fused["moe_ms"] > 0 and fused["activation"] == "swiglu"
+    assert liger["status"] == "unavailable" and liger["note"] == "liger-kernel's fused MoE needs CUDA"
+    assert "no liger column at E=4 k=2 (none): liger-kernel's fused MoE needs CUDA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config,kwargs,message", [
+    ("LayerBenchConfig", {"backends": ["fused", "megablocks"]}, "LayerBenchConfig.backends: unknown ['megablocks']"),
+    ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1, "act": "gelu"}]},
+     "LayerBenchConfig.shapes: each shape maps"),
+    ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1,
+                                      "activation": "relu"}]}, "LayerBenchConfig.activation: unknown 'relu'"),
+    ("CapacityBenchConfig", {"backend": "fused"}, "CapacityBenchConfig.backend: fused has no dispatch apart"),
+])
+def test_bench_configs_name_the_bad_field(config, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        getattr(bench, config)(device="cpu", **kwargs)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
