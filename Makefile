@@ -26,7 +26,7 @@ smoke: install
 	$(BIN)/python -m moe_core.sweep params/smoke.yaml
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/smoke/analysis_a.ipynb \
 		-p experiment smoke -p figures_dir figures/smoke -p tables_dir paper/tables/smoke \
-		-p numbers_path paper/tables/smoke/numbers_a.tex
+		-p numbers_path paper/tables/smoke/numbers_a.tex -y 'solo_bench_dir: null'
 
 # Lint (ruff), then the unit tests and every notebook under nbval.
 test: install
@@ -70,12 +70,12 @@ paper:
 	cd paper && $(LATEXMK) -pdf -interaction=nonstopmode -halt-on-error -file-line-error main.tex slides.tex
 
 # The paper's generated inputs (figures, tables, number macros) from run records and H100 bench records;
-# see README "Reproduce the paper". Only Experiment A writes the committed destinations (figures/,
+# see README "Reproduce the paper". Only Experiment A (v2) writes the committed destinations (figures/,
 # paper/tables/, paper/numbers_*.tex); any other EXPERIMENT (a draft from the smoke study:
 # `make paper-inputs EXPERIMENT=smoke`) writes to figures/<experiment>/ and paper/tables/<experiment>/,
 # and the notebooks refuse it anywhere else.
-EXPERIMENT ?= experiment_a
-ifeq ($(EXPERIMENT),experiment_a)
+EXPERIMENT ?= experiment_a_v2
+ifeq ($(EXPERIMENT),experiment_a_v2)
 FIGURES_DIR := figures
 TABLES_DIR := paper/tables
 NUMBERS_DIR := paper
@@ -85,6 +85,9 @@ TABLES_DIR := paper/tables/$(EXPERIMENT)
 NUMBERS_DIR := $(TABLES_DIR)
 endif
 BENCH_DIR ?= runs/benchmarks/h100_20261126
+# Experiment A's solo timing pass (the train bench over its configurations, one run per GPU): the
+# frontier's tokens/s, since the sweep's runs shared their GPUs.
+SOLO_DIR ?= runs/benchmarks/h200x2_20261128_29d2fd0_solo_v2
 # Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
 CAPACITY_DIR ?= runs/benchmarks/h100_20261126_91bb604_x3
 # Expert-parallel bench records: one directory per GPU host and world size, comma-separated.
@@ -92,7 +95,7 @@ EP_DIRS ?= runs/benchmarks/h200x2_20261128_3135d0a
 PAPER_DIRS := -p experiment $(EXPERIMENT) -p figures_dir $(FIGURES_DIR) -p tables_dir $(TABLES_DIR)
 paper-inputs: install
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_a.ipynb executed/$(EXPERIMENT)/analysis_a.ipynb \
-		$(PAPER_DIRS) -p numbers_path $(NUMBERS_DIR)/numbers_a.tex
+		$(PAPER_DIRS) -p numbers_path $(NUMBERS_DIR)/numbers_a.tex -p solo_bench_dir $(SOLO_DIR)
 	$(BIN)/python -m papermill --no-progress-bar notebooks/analysis_b.ipynb executed/$(EXPERIMENT)/analysis_b.ipynb \
 		$(PAPER_DIRS) -p bench_dir $(CAPACITY_DIR) -p numbers_path $(NUMBERS_DIR)/numbers_b.tex
 	$(BIN)/python -m moe_core.analysis.paper --bench-dir $(BENCH_DIR) --capacity-dir $(CAPACITY_DIR) \

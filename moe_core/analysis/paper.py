@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params-dir", type=Path, default=ROOT / "params")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "paper")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs", help="run records: <runs-dir>/<experiment>/")
-    parser.add_argument("--experiment", default="experiment_a", help="the Experiment A records the claims read")
+    parser.add_argument("--experiment", default="experiment_a_v2", help="the Experiment A records the claims read")
     parser.add_argument("--tables-dir", type=Path, default=None,
                         help="where the claims table goes (default: <out-dir>/tables)")
     args = parser.parse_args(argv)

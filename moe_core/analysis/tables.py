@@ -23,7 +23,7 @@ from .markdown import results_markdown
 from .stats import ALPHA, at_budget
 
 ROOT = Path(__file__).resolve().parents[2]
-PAPER_EXPERIMENT = "experiment_a"  # the only experiment that writes the committed paper inputs
+PAPER_EXPERIMENT = "experiment_a_v2"  # the only experiment that writes the committed paper inputs
 PAPER_INPUTS = (ROOT / "figures", ROOT / "paper" / "tables", ROOT / "paper")  # figure, table, numbers dirs
 
 EXPERIMENT_A_CAPTION = (
