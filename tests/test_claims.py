@@ -1,14 +1,14 @@
 """The claims table: every verdict that main.tex, its macros, the slides and README state equals the one
 computed from the committed records; the committed claims table is what the code computes (regenerated,
 not edited); a planted wrong verdict is caught; and the budget-aware rules decide per token budget, so
-one budget and several read alike."""
+one budget and several read alike, and a claim restricted to some budgets reads only those."""
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from moe_core.analysis import claims, paper, verdicts
+from moe_core.analysis import claims, paper, verdicts, verdicts_bench
 from moe_core.analysis.frontier import Analysis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,24 @@ def test_budget_aware_verdicts():
     assert [part.split(":")[0] for part in numbers.split("; ")] == ["1M tok", "4M tok", "12M tok"]
 
 
+def test_budget_restricted_verdicts():
+    """at_budgets keeps only the chosen budgets of every frame: a pair that differs at the shortest budget
+    alone makes no_pair_differs reversed there and holds past it; still_improving reads the runs' steps."""
+    rows = ranking([(1e6, "1.0", "softk", "hash", -0.2, "reversed"), (4e6, "1.0", "softk", "hash", 0.01, "unresolved")])
+    rows["verdict"] = ["reversed", "unresolved"]
+    runs = pd.DataFrame({"status": "ok", "budget_tokens": [1e6, 1e6, 4e6], "steps_done": [10, 10, 40],
+                         "best_val_step": [10, 10, 20]})
+    ev = verdicts.Evidence(runs=runs, analysis=Analysis(pd.DataFrame({"budget_tokens": [1e6, 4e6]}), 0.0, rows,
+                                                        rows.iloc[:0], pd.DataFrame()))
+    shortest, rest = slice(0, 1), slice(1, None)
+    assert verdicts.at_budgets(verdicts.no_pair_differs, shortest)(ev) == \
+        ("reversed", "1 of 1 pairs differ: CF 1.0: hash below softk by 0.2")
+    assert verdicts.at_budgets(verdicts.no_pair_differs, rest)(ev)[0] == "holds"
+    assert verdicts.at_budgets(verdicts.still_improving, shortest)(ev)[0] == "holds"
+    assert verdicts.at_budgets(verdicts.still_improving, rest)(ev)[0] == "reversed"
+    assert verdicts.still_improving(ev)[0] == "unresolved"
+
+
 def test_profile_parts_sum_to_the_profiled_total(tmp_path):
     text = ("moe grouped E=8 k=2 F=64 compile=default: GPU ms/call 2.000\n"
             "  1.000 ms    2x  cutlass_GroupProblemShape_gemm\n  0.300 ms    1x  triton_poi_fused_gelu_0\n"
@@ -92,5 +110,5 @@ def test_profile_parts_sum_to_the_profiled_total(tmp_path):
     moe, dense = parts["E=8, k=2"]["moe"], parts["E=8, k=2"]["dense"]
     assert moe == pytest.approx({"gemm": 1.0, "gelu": 0.3, "router": 0.0, "gather": 0.2, "combine": 0.1, "other": 0.4})
     assert sum(dense.values()) == pytest.approx(1.2) and dense["gemm"] == 1.0
-    verdict, _ = verdicts.dispatch_minor(verdicts.Evidence(profile=parts))
+    verdict, _ = verdicts_bench.dispatch_minor(verdicts.Evidence(profile=parts))
     assert verdict == "holds"  # GEMM + GELU 65% of the layer; dispatch 0.3 ms below router + other 0.4 ms

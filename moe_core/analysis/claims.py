@@ -17,6 +17,7 @@ from typing import NamedTuple
 import pandas as pd
 
 from . import verdicts as v
+from . import verdicts_bench as vb
 from .latex import index_numbers, tex_escape
 from .verdicts import VERDICTS, Evidence
 
@@ -27,6 +28,8 @@ EVIDENCE = {
     "results": ("Table~\\TabExpA", "results table (`paper/tables/{exp}.csv`)"),
     "ranking": ("Table~\\TabRank", "ranking table (`paper/tables/{exp}_ranking.csv`)"),
     "isoflop": ("Table~\\TabIso", "iso-FLOP table (`paper/tables/{exp}_isoflop.csv`)"),
+    "variants": ("Table~\\TabVar", "variants table (`paper/tables/{exp}_variants.csv`)"),
+    "curve": ("Fig.~\\ref{fig:curve}", "`figures/training_curve`"),
     "cfppl": ("Fig.~\\ref{fig:cfppl}", "`figures/cf_vs_ppl`"),
     "capdrop": ("Table~\\ref{tab:capdrop}", "`figures/capacity_drop`, `paper/tables/experiment_b.csv`"),
     "capthr": ("Fig.~\\ref{fig:capthr}", "`figures/capacity_throughput`"),
@@ -46,49 +49,84 @@ class Claim(NamedTuple):
 
 
 A, CAP, SPEED, PROFILE = ("runs", "analysis"), ("capacity",), ("speed",), ("profile",)
+SHORTEST, MIDDLE, LONGEST, PAST_SHORTEST = slice(0, 1), slice(1, 2), slice(-1, None), slice(1, None)  # budgets
 CLAIMS = (
+    # -- Experiment A: the budgets ---------------------------------------------------------------------
     Claim("hypothesis-capacity", "Capacity overflow, not the gating function, sets the quality of the MoE model "
-          "(the hypothesis tested).", "introduction", ("results", "cfppl"), A,
+          "(the hypothesis tested): at every budget a change of capacity factor moves a router at least as far as "
+          "the routers lie apart.", "introduction", ("results", "cfppl"), A,
           lambda ev: _flipped(v.router_spread_beats_capacity(ev))),
-    Claim("hypothesis-dispatch", "Dispatch is the largest part of the MoE layer's GPU time (the hypothesis tested; "
-          "\"the cost of MoE is dominated by dispatch\").", "introduction", ("profile",), PROFILE, v.dispatch_dominates),
-    Claim("router-spread", "At a fixed capacity factor the routers lie further apart in best perplexity than raising "
-          "the capacity factor from 1 to 1.25 moves any one of them.", "abstract, takeaway 7, discussion",
-          ("results", "cfppl"), A, v.router_spread_beats_capacity),
+    Claim("short-still-improving", "At the shortest budget (400 steps) every run is still improving when its "
+          "schedule ends: its best validation loss is at its last evaluation.", "abstract, takeaway 6, results",
+          ("results", "curve"), A, v.at_budgets(v.still_improving, SHORTEST)),
+    Claim("long-minimum-reached", "At the longest budget (4,800 steps) every run reaches its validation minimum "
+          "before its schedule ends and ends above it: past the minimum the model fits its small training split.",
+          "abstract, takeaway 6, results, limitations", ("results", "curve"), A,
+          v.at_budgets(v.minimum_reached, LONGEST)),
+    Claim("pairs-differ-short", "At the shortest budget some router pairs differ after the Holm correction.",
+          "abstract, takeaway 7, results", ("ranking",), A,
+          lambda ev: _flipped(v.at_budgets(v.no_pair_differs, SHORTEST)(ev))),
+    Claim("router-spread-short", "At the shortest budget, at a fixed capacity factor, the routers lie further apart "
+          "in mean best perplexity than raising the capacity factor from 1 to 1.25 moves any one of them.",
+          "takeaway 7, results", ("results", "cfppl"), A, v.at_budgets(v.router_spread_beats_capacity, SHORTEST)),
+    Claim("no-pair-differs-mid", "At the middle budget (1,600 steps) no pair of the five routers differs in best "
+          "perplexity after the Holm correction, at either capacity factor.", "abstract, takeaway 7, results, "
+          "conclusion", ("ranking",), A, v.at_budgets(v.no_pair_differs, MIDDLE)),
+    Claim("prior-ranking", "The prior ranking expert choice > soft top-k > hash > hard top-k > top-1 holds, at every "
+          "budget.", "abstract, takeaway 7, results, conclusion", ("ranking",), A, v.prior_ranking),
+    Claim("hash-below-softk", "Hash routing, which learns nothing, is lower in best perplexity than soft top-k at "
+          "capacity factor 1, at every budget.", "takeaway 7, results", ("ranking",), A,
+          v.pair_claim("hash", "softk", ("1.0",))),
     Claim("capacity-lowers-ppl", "A capacity factor of 1.25 lowers the best perplexity of every learned token-choice "
-          "router (top-1, hard and soft top-k) against 1.", "takeaway 7, discussion", ("results", "cfppl"), A,
-          v.capacity_lowers_ppl),
-    Claim("prior-ranking", "The prior ranking expert choice > soft top-k > hash > hard top-k > top-1 holds.",
-          "abstract, takeaway 8, conclusion", ("ranking",), A, v.prior_ranking),
-    Claim("hash-below-softk", "Hash routing, which learns nothing, is lower in perplexity than soft top-k at "
-          "capacity factor 1.", "takeaway 8, discussion", ("ranking",), A, v.pair_claim("hash", "softk", ("1.0",))),
-    Claim("softk-below-topk-hard", "Soft top-k is lower than hard top-k at every capacity factor tested, although "
-          "both select by the same rule.", "takeaway 8, discussion", ("ranking",), A,
-          v.pair_claim("softk", "topk_hard")),
+          "router (top-1, hard and soft top-k) against 1, at every budget.", "takeaway 8, results",
+          ("results", "cfppl"), A, v.capacity_lowers_ppl),
     Claim("drops-do-not-order", "Drops alone do not order the routers: at capacity factor 1 the router that drops "
-          "the most is lower in perplexity than a router that drops less.", "results, discussion",
+          "the most is lower in perplexity than a router that drops less, at every budget.", "results",
           ("results", "ranking"), A, v.drops_do_not_order),
+    Claim("dense-not-beaten", "Past the shortest budget no MoE configuration reaches a lower best perplexity than "
+          "the dense FFN of hidden 2F (the active FLOPs of k = 2).", "abstract, takeaway 9, results, conclusion",
+          ("results",), A, v.at_budgets(v.dense_not_beaten, PAST_SHORTEST)),
+    Claim("dense-lowest-final", "At the longest budget the dense baseline ends its schedule with the lowest mean "
+          "validation loss: it overfits least.", "abstract, takeaway 9, results", ("results", "curve"), A,
+          v.at_budgets(v.dense_lowest_final, LONGEST)),
     Claim("moe-below-dense-iso", "At equal training compute (ends of schedules) MoE configurations end below the "
-          "dense baseline.", "takeaway 9", ("isoflop",), A, v.moe_below_dense_at_equal_compute),
+          "dense baseline.", "takeaway 9, results", ("isoflop",), A, v.moe_below_dense_at_equal_compute),
+    # -- Experiment A: the controls --------------------------------------------------------------------
+    Claim("wide-top1-lower", "Top-1 with experts of hidden 2F (the active FLOPs of k = 2) is lower in best "
+          "perplexity than top-1 at hidden F at equal tokens.", "takeaway 10, results", ("variants",), A,
+          v.variant_lower("hidden=2048")),
+    Claim("freq-hash-lower", "A hash table balanced on token frequencies is lower in best perplexity than one "
+          "balanced on token ids.", "takeaway 10, results", ("variants",), A,
+          v.variant_lower("hash_balance=frequency")),
+    Claim("leak-lowers-ppl", "Validating on paragraphs drawn at random (stories straddling the split) reads a lower "
+          "best perplexity than validating on a held-out block of stories.", "takeaway 10, results",
+          ("variants",), A, v.variant_lower("split_method=hash")),
+    Claim("ec-batch-groups-lower", "Expert choice routing over the micro-batch is lower in best perplexity than "
+          "expert choice over groups of one sequence.", "takeaway 11, results", ("variants",), A,
+          v.variant_lower("ec_group=sequence", lower="main")),
     Claim("ec-noncausal-lower", "Expert choice evaluated non-causally, reading future tokens, has a lower perplexity "
-          "than evaluated causally: only the causal number is a language-model result.", "takeaway 10",
+          "than evaluated causally: only the causal number is a language-model result.", "takeaway 11, results",
           ("results",), ("runs",), v.expert_choice_noncausal_lower),
+    # -- speed, capacity bench and profile -------------------------------------------------------------
+    Claim("hypothesis-dispatch", "Dispatch is the largest part of the MoE layer's GPU time (the hypothesis tested; "
+          "\"the cost of MoE is dominated by dispatch\").", "introduction", ("profile",), PROFILE,
+          vb.dispatch_dominates),
     Claim("moe-slower", "The MoE layer, compiled as in training, takes longer than a dense FFN of equal active "
-          "FLOPs.", "abstract, takeaway 2, conclusion", ("layer",), SPEED, v.moe_slower_than_dense),
+          "FLOPs.", "abstract, takeaway 2, conclusion", ("layer",), SPEED, vb.moe_slower_than_dense),
     Claim("dispatch-minor", "At E = 8, k = 2 the expert GEMMs and GELU take most of the layer's GPU time; gathers, "
           "scatters and combine take less than the router and its small kernels.",
-          "abstract, takeaway 2, conclusion", ("profile",), PROFILE, v.dispatch_minor),
+          "abstract, takeaway 2, conclusion", ("profile",), PROFILE, vb.dispatch_minor),
     Claim("data-movement-gap", "At E = 64, k = 8 data movement is the largest part of the MoE layer's time above "
-          "dense.", "takeaway 2, discussion", ("profile",), PROFILE, v.data_movement_leads_gap),
+          "dense.", "takeaway 2, discussion", ("profile",), PROFILE, vb.data_movement_leads_gap),
     Claim("launch-bound", "Small-model training is launch-bound: CUDA graphs more than halve the eager step.",
-          "takeaway 3", ("train",), SPEED, v.launch_bound),
+          "takeaway 3", ("train",), SPEED, vb.launch_bound),
     Claim("skew-drops-persist", "Under synthetic Zipf skew no capacity factor up to 2 removes the drops (k = 2).",
-          "takeaway 4, conclusion", ("capdrop",), CAP, v.skew_drops_persist),
+          "abstract, takeaway 4, conclusion", ("capdrop",), CAP, vb.skew_drops_persist),
     Claim("trained-cf-removes-drops", "For trained routers a capacity factor of 1.25 removes the drops of "
-          "capacity factor 1.", "takeaway 4, conclusion", ("capdrop", "results"), ("analysis", "capacity"),
-          v.trained_capacity_removes_drops),
+          "capacity factor 1, in the bench and in training.", "abstract, takeaway 4, conclusion",
+          ("capdrop", "results"), ("analysis", "capacity"), vb.trained_capacity_removes_drops),
     Claim("dropless-slow-skew", "Dropless is not free under skew: the dropless layer is slower than at capacity "
-          "factor 1.", "takeaway 5", ("capthr",), CAP, v.dropless_slower_under_skew),
+          "factor 1.", "takeaway 5", ("capthr",), CAP, vb.dropless_slower_under_skew),
 )
 COLUMNS = ("no", "id", "claim", "stated in", "evidence", "verdict", "deciding numbers")
 
@@ -139,7 +177,8 @@ def claims_markdown(frame: pd.DataFrame, experiment: str) -> str:
         f"# Claims and their verdicts ({experiment})", "",
         "Every claim of the paper's abstract, introduction, takeaways, discussion and conclusion, with the evidence "
         "that backs it and its verdict computed from the records by `moe_core.analysis.claims` (rules in "
-        "`moe_core/analysis/verdicts.py`). `tests/test_claims.py` fails when main.tex or README states another.", "",
+        "`moe_core/analysis/verdicts.py` and `verdicts_bench.py`). `tests/test_claims.py` fails when main.tex or "
+        "README states another.", "",
         "| | claim | stated in | evidence | verdict | deciding numbers |", "|---|---|---|---|---|---|", *rows, ""])
 
 

@@ -8,13 +8,10 @@ Fixed before looking at any one result:
   ranking's family, or a family of their own), per token budget. A claim holds (or is reversed) only
   when it does at every budget; otherwise it is unresolved and each budget's verdict is listed.
   Claims read from means say so in their numbers.
-- Bench timings of one run have no interval: a ratio counts only beyond ``TIMING_MARGIN`` of its
-  threshold. Capacity bench cells carry a 95% CI over bench runs; two speeds differ only when their
-  intervals do not overlap. A drop rate below ``NEGLIGIBLE_DROP`` counts as no drops.
+- The bench rules (capacity bench, H100 speed, kernel profile) are in ``verdicts_bench``.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple
 
 import pandas as pd
@@ -26,9 +23,6 @@ VERDICTS = ("holds", "unresolved", "reversed")
 FLIP = {"holds": "reversed", "reversed": "holds", "unresolved": "unresolved"}
 LEARNED_TOKEN_CHOICE = ("top1", "topk_hard", "softk")  # routers with a trained gate and a capacity
 TOKEN_CHOICE = (*LEARNED_TOKEN_CHOICE, "hash")
-NEGLIGIBLE_DROP = 0.01  # fraction of assignments: below it, "no drops"
-TIMING_MARGIN = 0.05  # relative: a single bench run's ratio counts only beyond this distance from its threshold
-STUDY_K = 2  # Experiment A's top-k: the capacity bench cells the drop claims read
 
 
 class Evidence(NamedTuple):
@@ -41,7 +35,7 @@ class Evidence(NamedTuple):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def _all(verdicts: list[str]) -> str:
+def agree(verdicts: list[str]) -> str:
     """One verdict for several parts: theirs when they agree, else unresolved."""
     return verdicts[0] if verdicts and len(set(verdicts)) == 1 else "unresolved"
 
@@ -51,13 +45,13 @@ def _tokens(budget) -> str:
 
 
 def _per_budget(frame: pd.DataFrame, decide: Callable[[pd.DataFrame], tuple[str, str]]) -> tuple[str, str]:
-    """decide(rows of one budget) for each budget; the verdicts combined by _all."""
+    """decide(rows of one budget) for each budget; the verdicts combined by agree."""
     parts = [(budget, *decide(group)) for budget, group in frame.groupby("budget_tokens", sort=True)]
     if not parts:
         return "unresolved", "no comparison in the records"
     if len(parts) == 1:
         return parts[0][1], parts[0][2]
-    return _all([v for _, v, _ in parts]), "; ".join(f"{_tokens(b)}: {v} ({n})" for b, v, n in parts)
+    return agree([v for _, v, _ in parts]), "; ".join(f"{_tokens(b)}: {v} ({n})" for b, v, n in parts)
 
 
 def _oriented(row, lower: str) -> str:
@@ -69,13 +63,124 @@ def _pair_rows(ranking: pd.DataFrame, lower: str, higher: str) -> pd.DataFrame:
     return ranking[ranking["better"].isin([lower, higher]) & ranking["worse"].isin([lower, higher])]
 
 
-def _main(table: pd.DataFrame) -> pd.DataFrame:
+def main_configs(table: pd.DataFrame) -> pd.DataFrame:
     """The main configuration of every MoE router (no variant, no dense)."""
     variant = table["variant"].fillna("") if "variant" in table else ""
     return table[(variant == "") & (table["label"] != "dense")]
 
 
+def at_budgets(rule: Callable[[Evidence], tuple[str, str]], which: slice):
+    """``rule`` decided on the token budgets at positions ``which`` of the sorted budgets of the
+    records (``slice(0, 1)``: the shortest; ``slice(1, None)``: all but the shortest)."""
+    def restricted(ev: Evidence) -> tuple[str, str]:
+        budgets = sorted(ev.analysis.table["budget_tokens"].unique())[which]
+        if not budgets:
+            return "unresolved", "no such budget in the records"
+
+        def keep(frame: pd.DataFrame) -> pd.DataFrame:
+            cols = [c for c in ("budget_tokens", "a_budget_tokens", "b_budget_tokens") if c in frame]
+            return frame[frame[cols].isin(budgets).all(axis=1)] if cols else frame
+        a = ev.analysis
+        return rule(ev._replace(runs=keep(ev.runs), analysis=a._replace(
+            table=keep(a.table), ranking=keep(a.ranking), variants=keep(a.variants), iso=keep(a.iso))))
+    return restricted
+
+
+def _ok(ev: Evidence) -> pd.DataFrame:
+    return ev.runs[ev.runs["status"] == "ok"]
+
+
+def _share(n: int, of: int) -> str:
+    """holds when all ``of`` do, reversed when none does, else unresolved."""
+    return "holds" if n == of > 0 else "reversed" if n == 0 else "unresolved"
+
+
 # -- Experiment A -----------------------------------------------------------------------------------
+def still_improving(ev: Evidence) -> tuple[str, str]:
+    """Every run's best validation loss fell at its last evaluation (the schedule ended too early)."""
+    def decide(part):
+        at_end = int((part["best_val_step"] >= part["steps_done"]).sum())
+        return _share(at_end, len(part)), f"best at the last evaluation in {at_end} of {len(part)} runs"
+    return _per_budget(_ok(ev), decide)
+
+
+def minimum_reached(ev: Evidence) -> tuple[str, str]:
+    """Every run's best validation loss fell before the end of its schedule, and its final one is
+    higher: the validation minimum is inside the budget and the model then fits its training split."""
+    def decide(part):
+        inside = (part["best_val_step"] < part["steps_done"]) & (part["final_val_loss"] > part["best_val_loss"])
+        train = part["train_corpus_n_tokens"].mode().iloc[0]
+        return _share(int(inside.sum()), len(part)), (
+            f"best at step {part['best_val_step'].min():.0f}-{part['best_val_step'].max():.0f} of "
+            f"{part['steps_done'].max():.0f}, final above best, in {int(inside.sum())} of {len(part)} runs; "
+            f"train split {train:,.0f} characters, {part['tokens'].max() / train:.0f} passes")
+    return _per_budget(_ok(ev), decide)
+
+
+def no_pair_differs(ev: Evidence) -> tuple[str, str]:
+    """No pair of the prior ranking's family (five routers, each CF) differs after the Holm correction."""
+    def decide(part):
+        found = part[part["verdict"] != "unresolved"]
+        listed = ", ".join(f"CF {r['cf_label']}: {lo} below {hi} by {abs(r['difference']):.3g}" for r in
+                           found.to_dict("records") for lo, hi in [(r["better"], r["worse"]) if r["verdict"] == "holds"
+                                                                   else (r["worse"], r["better"])])
+        return ("holds" if found.empty else "reversed"), \
+            f"{len(found)} of {len(part)} pairs differ" + (f": {listed}" if listed else "")
+    return _per_budget(ev.analysis.ranking, decide)
+
+
+def _comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """Configs evaluated on the dense baseline's validation split (the leak probe's differs)."""
+    dense = table[table["label"] == "dense"]
+    return table[table["split_method"].isin(dense["split_method"])] if "split_method" in table else table
+
+
+def dense_not_beaten(ev: Evidence) -> tuple[str, str]:
+    """No MoE config has a lower best perplexity than the dense baseline: each against dense, paired
+    over seeds, one Holm family per budget."""
+    def decide(part):
+        budget = part["budget_tokens"].iloc[0]
+        moe = [n for n in _comparable(part)["name"] if n != "dense"]
+        if "dense" not in set(part["name"]) or not moe:
+            return "unresolved", "no dense baseline and MoE configs"
+        found = compare(ev.runs, [(("dense", budget), (n, budget)) for n in moe], "best_val_ppl")
+        lower = found[found["verdict"] == "reversed"]
+        closest = found.loc[found["difference"].idxmin()]
+        return ("holds" if lower.empty else "reversed"), \
+            f"{len(lower)} of {len(found)} MoE configs lower than dense" + \
+            (f" ({', '.join(lower['b'])})" if len(lower) else "") + \
+            f"; closest {closest['b']} - dense = {_signed(closest['difference'])} (p Holm {closest['p_holm']:.2g})"
+    return _per_budget(ev.analysis.table, decide)
+
+
+def dense_lowest_final(ev: Evidence) -> tuple[str, str]:
+    """From the means: the dense baseline ends its schedule with the lowest validation loss of all configs."""
+    def decide(part):
+        part = _comparable(part).set_index("name")["final_val_loss_mean"]
+        if "dense" not in part:
+            return "unresolved", "no dense baseline"
+        moe = part.drop("dense")
+        return ("holds" if part["dense"] < moe.min() else "reversed"), \
+            f"means: final val. loss dense {part['dense']:.3g}, lowest MoE {moe.idxmin()} {moe.min():.3g}, " \
+            f"highest {moe.idxmax()} {moe.max():.3g}"
+    return _per_budget(ev.analysis.table, decide)
+
+
+def variant_lower(variant: str, lower: str = "variant"):
+    """"The ``variant`` config is lower in best perplexity than its main config" (``lower="main"``:
+    the main config is lower), at every CF and budget it ran: the variants family of stats.variant_check."""
+    def claim(ev: Evidence) -> tuple[str, str]:
+        rows = ev.analysis.variants
+        rows = rows[rows["b"].str.endswith(f" {variant}")]
+
+        def decide(part):
+            verdicts = [r["verdict"] if lower == "main" else FLIP[r["verdict"]] for r in part.to_dict("records")]
+            return agree(verdicts), ", ".join(f"{r['a']}: variant - main = {_signed(r['difference'])} "
+                                             f"(p Holm {r['p_holm']:.2g})" for r in part.to_dict("records"))
+        return _per_budget(rows, decide)
+    return claim
+
+
 def prior_ranking(ev: Evidence) -> tuple[str, str]:
     def decide(part):
         counts = part["verdict"].value_counts()
@@ -94,7 +199,7 @@ def pair_claim(lower: str, higher: str, cfs: tuple[str, ...] | None = None):
 
         def decide(part):
             verdicts = [_oriented(r, lower) for r in part.to_dict("records")]
-            return _all(verdicts), ", ".join(
+            return agree(verdicts), ", ".join(
                 f"CF {r['cf_label']}: {higher} - {lower} = {_signed(_higher_minus_lower(r, lower))} (p Holm "
                 f"{r['p_holm']:.2g})" for r in part.to_dict("records"))
         return _per_budget(rows, decide)
@@ -111,7 +216,7 @@ def _signed(value: float) -> str:
 
 def capacity_lowers_ppl(ev: Evidence) -> tuple[str, str]:
     """CF 1.25 against CF 1.0 for every learned token-choice router, paired, one Holm family per budget."""
-    main = _main(ev.analysis.table)
+    main = main_configs(ev.analysis.table)
     frames = []
     for budget, group in main.groupby("budget_tokens", sort=True):
         names = {(r, cf): n for r, cf, n in zip(group["label"], group["cf_label"], group["name"])}
@@ -123,7 +228,7 @@ def capacity_lowers_ppl(ev: Evidence) -> tuple[str, str]:
         return "unresolved", "no router ran both CF 1.0 and 1.25"
 
     def decide(part):
-        return _all(list(part["verdict"])), "best PPL from CF 1.0 to 1.25: " + ", ".join(
+        return agree(list(part["verdict"])), "best PPL from CF 1.0 to 1.25: " + ", ".join(
             f"{a.split()[0]} {_signed(-d)} (p Holm {p:.2g})" for a, d, p in zip(part["a"], part["difference"],
                                                                                   part["p_holm"]))
     return _per_budget(pd.concat(frames, ignore_index=True), decide)
@@ -145,13 +250,13 @@ def router_spread_beats_capacity(ev: Evidence) -> tuple[str, str]:
             "reversed" if max(spread.values()) < moved[most] else "unresolved"
         return verdict, "means: spread over routers " + ", ".join(f"CF {cf} {s:.2f}" for cf, s in spread.items()) \
             + f"; largest CF effect {moved[most]:.2f} ({most})"
-    return _per_budget(_main(ev.analysis.table), decide)
+    return _per_budget(main_configs(ev.analysis.table), decide)
 
 
 def drops_do_not_order(ev: Evidence) -> tuple[str, str]:
     """At the lowest CF all token-choice routers ran: the router that drops the most is not the
     worst; holds when a router that drops less is found higher after the Holm correction."""
-    ranking, main = ev.analysis.ranking, _main(ev.analysis.table)
+    ranking, main = ev.analysis.ranking, main_configs(ev.analysis.table)
 
     def decide(part):
         budget = part["budget_tokens"].iloc[0]
@@ -159,7 +264,7 @@ def drops_do_not_order(ev: Evidence) -> tuple[str, str]:
         rows = main[(main["budget_tokens"] == budget) & (main["cf_label"] == cf) & main["label"].isin(TOKEN_CHOICE)]
         drops = dict(zip(rows["label"], rows["final_drop_rate_mean"]))
         most = max(drops, key=drops.get)
-        verdicts = {r: _all([_oriented(row, most) for row in _pair_rows(part[part["cf_label"] == cf], most, r)
+        verdicts = {r: agree([_oriented(row, most) for row in _pair_rows(part[part["cf_label"] == cf], most, r)
                              .to_dict("records")]) for r in drops if r != most}
         verdict = "holds" if "holds" in verdicts.values() else \
             "reversed" if set(verdicts.values()) == {"reversed"} else "unresolved"
@@ -195,146 +300,7 @@ def expert_choice_noncausal_lower(ev: Evidence) -> tuple[str, str]:
                         for d, p in zip(frame["difference"], frame["p_holm"])]
 
     def decide(part):
-        return _all(list(part["verdict"])), ", ".join(
+        return agree(list(part["verdict"])), ", ".join(
             f"{n}: causal - non-causal {_signed(d)} (p Holm {p:.2g})"
             for n, d, p in zip(part["name"], part["difference"], part["p_holm"]))
     return _per_budget(frame, decide)
-
-
-# -- Experiment B: the capacity bench ---------------------------------------------------------------
-def _cells(ev: Evidence, source: str) -> pd.DataFrame:
-    cap = ev.capacity
-    return cap[cap["source"].str.startswith(source) & (cap["top_k"] == STUDY_K)]
-
-
-def _finite_cfs(cells: pd.DataFrame) -> list[str]:
-    return sorted((cf for cf in cells["cf_label"].unique() if cf != "dropless"), key=float)
-
-
-def skew_drops_persist(ev: Evidence) -> tuple[str, str]:
-    """Zipf-skewed logits at k = STUDY_K: drops at the largest finite CF, per E."""
-    cells = _cells(ev, "skewed")
-    if cells.empty:
-        return "unresolved", "no skewed cells"
-    top = _finite_cfs(cells)[-1]
-    at_top = cells[cells["cf_label"] == top].set_index("num_experts")["drop_rate_mean"].sort_index()
-    persist = at_top >= NEGLIGIBLE_DROP
-    verdict = "holds" if persist.all() else "reversed" if not persist.any() else "unresolved"
-    return verdict, f"k={STUDY_K}, CF {top}: " + ", ".join(f"E={e} {100 * d:.3g}%" for e, d in at_top.items())
-
-
-def trained_capacity_removes_drops(ev: Evidence) -> tuple[str, str]:
-    """A trained router's logits in the bench, and Experiment A's learned token-choice routers in
-    training: drops at CF 1.0, none (below NEGLIGIBLE_DROP) at 1.25."""
-    drops = {}
-    bench = _cells(ev, "checkpoint") if ev.capacity is not None else pd.DataFrame()
-    for e, group in bench.groupby("num_experts"):
-        drops[f"bench E={e}"] = dict(zip(group["cf_label"], group["drop_rate_mean"]))
-    if ev.analysis is not None:
-        main = _main(ev.analysis.table)
-        main = main[main["budget_tokens"] == main["budget_tokens"].max()]
-        for r in LEARNED_TOKEN_CHOICE:
-            rows = main[main["label"] == r]
-            drops[r] = dict(zip(rows["cf_label"], rows["final_drop_rate_mean"]))
-    parts = {k: (d["1.0"], d["1.25"]) for k, d in drops.items() if "1.0" in d and "1.25" in d}
-    if not parts:
-        return "unresolved", "no trained routing at CF 1.0 and 1.25"
-    removes = [lo < NEGLIGIBLE_DROP <= hi for hi, lo in parts.values()]
-    verdict = "holds" if all(removes) else "reversed" if not any(removes) else "unresolved"
-    return verdict, ", ".join(f"{k} {100 * hi:.3g}% -> {100 * lo:.3g}%" for k, (hi, lo) in parts.items())
-
-
-def dropless_slower_under_skew(ev: Evidence) -> tuple[str, str]:
-    """Skewed logits at k = STUDY_K, per E: dropless against CF 1.0 layer tokens/s, 95% CIs apart."""
-    cells = _cells(ev, "skewed").set_index(["num_experts", "cf_label"])
-    out = []
-    for e in sorted(cells.index.get_level_values(0).unique()):
-        if (e, "dropless") not in cells.index or (e, "1.0") not in cells.index:
-            continue
-        d, c = cells.loc[(e, "dropless")], cells.loc[(e, "1.0")]
-        gap = c["layer_tokens_per_s_mean"] - d["layer_tokens_per_s_mean"]
-        apart = abs(gap) > (c["layer_tokens_per_s_ci95"] + d["layer_tokens_per_s_ci95"])
-        out.append((e, ("holds" if gap > 0 else "reversed") if apart else "unresolved",
-                    d["layer_tokens_per_s_mean"] / c["layer_tokens_per_s_mean"]))
-    if not out:
-        return "unresolved", "no skewed dropless cells"
-    return _all([v for _, v, _ in out]), f"k={STUDY_K}, dropless / CF 1.0 tokens/s: " + \
-        ", ".join(f"E={e} {r:.2f}" for e, _, r in out)
-
-
-# -- H100 speed: timed benches and the kernel profile -----------------------------------------------
-def _beyond(value: float, threshold: float) -> str:
-    """holds above threshold (by more than TIMING_MARGIN), reversed below, else unresolved."""
-    if not math.isfinite(value):
-        return "unresolved"
-    return "holds" if value > threshold * (1 + TIMING_MARGIN) else \
-        "reversed" if value < threshold * (1 - TIMING_MARGIN) else "unresolved"
-
-
-def moe_slower_than_dense(ev: Evidence) -> tuple[str, str]:
-    keys = [k for k in ev.speed if k.startswith("compiled layer") and k.endswith("grouped ratio")]
-    ratios = {k.split()[2] + " " + k.split()[3]: ev.speed[k] for k in keys if isinstance(ev.speed[k], float)}
-    if not ratios:
-        return "unresolved", "no compiled layer bench"
-    return _all([_beyond(r, 1.0) for r in ratios.values()]), "compiled grouped / dense time: " + \
-        ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items())
-
-
-def launch_bound(ev: Evidence) -> tuple[str, str]:
-    """CUDA graphs shorten the eager step more than twofold: launch overhead was most of it."""
-    speedups = {k.split()[1]: v for k, v in ev.speed.items() if k.startswith("train b") and k.endswith("graph speedup")
-                and k.split()[2] == "grouped"}
-    if not speedups:
-        return "unresolved", "no eager and CUDA-graph train bench"
-    smallest = min(speedups, key=lambda b: int(b.removeprefix("b")))
-    return _beyond(speedups[smallest], 2.0), f"grouped, batch {smallest.removeprefix('b')}: eager / graphs " \
-                                             f"{speedups[smallest]:.2f}x (launch overhead > half the step if > 2)"
-
-
-DISPATCH_PARTS = ("gather", "combine")  # the data movement of dispatch and combine (paper.PROFILE_PARTS)
-COMPUTE_PARTS = ("gemm", "gelu")
-ROUTER_PARTS = ("router", "other")  # the router's fp32 GEMMs, its top-k, sort, softmax and the other small kernels
-
-
-def _sum(parts: dict, names) -> float:
-    return sum(parts.get(n, 0.0) for n in names)
-
-
-def _shape(ev: Evidence, largest: bool) -> tuple[str, dict, dict]:
-    """(label, MoE parts, dense parts) of the profile's smallest or largest expert count."""
-    label = sorted(ev.profile, key=lambda s: int(s.split("E=")[1].split(",")[0]))[-1 if largest else 0]
-    return label, ev.profile[label]["moe"], ev.profile[label]["dense"]
-
-
-def dispatch_minor(ev: Evidence) -> tuple[str, str]:
-    """Smallest E profiled: GEMMs + GELU hold most of the layer; dispatch less than the router's kernels."""
-    label, parts, _ = _shape(ev, largest=False)
-    total = sum(parts.values())
-    compute, dispatch, router = _sum(parts, COMPUTE_PARTS), _sum(parts, DISPATCH_PARTS), _sum(parts, ROUTER_PARTS)
-    verdict = "holds" if compute > total / 2 and dispatch < router else \
-        "reversed" if dispatch > compute else "unresolved"
-    return verdict, f"{label}: GEMM+GELU {100 * compute / total:.0f}%, gather/scatter/combine " \
-                    f"{100 * dispatch / total:.0f}%, router and small kernels {100 * router / total:.0f}%"
-
-
-def dispatch_dominates(ev: Evidence) -> tuple[str, str]:
-    """Dispatch is the largest part of the layer's GPU time, at every shape profiled (the hypothesis)."""
-    out = []
-    for label, shape in ev.profile.items():
-        parts = shape["moe"]
-        dispatch = _sum(parts, DISPATCH_PARTS)
-        largest_other = max(_sum(parts, COMPUTE_PARTS), _sum(parts, ROUTER_PARTS))
-        out.append((label, "holds" if dispatch > largest_other else "reversed", 100 * dispatch / sum(parts.values())))
-    return _all([v for _, v, _ in out]), "dispatch share of the layer: " + \
-        ", ".join(f"{label} {share:.0f}%" for label, _, share in out)
-
-
-def data_movement_leads_gap(ev: Evidence) -> tuple[str, str]:
-    """Largest E profiled: of the MoE layer's time above dense, dispatch is the largest part."""
-    label, parts, dense = _shape(ev, largest=True)
-    gap = {"gather/scatter/combine": _sum(parts, DISPATCH_PARTS),
-           "GEMM+GELU excess": _sum(parts, COMPUTE_PARTS) - _sum(dense, COMPUTE_PARTS),
-           "router and small kernels": _sum(parts, ROUTER_PARTS) - _sum(dense, ROUTER_PARTS)}
-    largest = max(gap, key=gap.get)
-    verdict = "holds" if largest == "gather/scatter/combine" else "reversed"
-    return verdict, f"{label}, ms above dense: " + ", ".join(f"{k} {v:.2f}" for k, v in gap.items())
