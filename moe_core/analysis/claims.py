@@ -57,21 +57,22 @@ CLAIMS = (
           "the routers lie apart.", "introduction", ("results", "cfppl"), A,
           lambda ev: _flipped(v.router_spread_beats_capacity(ev))),
     Claim("short-still-improving", "At the shortest budget (400 steps) every run is still improving when its "
-          "schedule ends: its best validation loss is at its last evaluation.", "abstract, takeaway 6, results",
-          ("results", "curve"), A, v.at_budgets(v.still_improving, SHORTEST)),
+          "schedule ends: its best validation loss is at its last evaluation.", "abstract, takeaway 6, results, "
+          "conclusion", ("results", "curve"), A, v.at_budgets(v.still_improving, SHORTEST)),
     Claim("long-minimum-reached", "At the longest budget (4,800 steps) every run reaches its validation minimum "
           "before its schedule ends and ends above it: past the minimum the model fits its small training split.",
-          "abstract, takeaway 6, results, limitations", ("results", "curve"), A,
+          "abstract, takeaway 6, results, limitations, conclusion", ("results", "curve"), A,
           v.at_budgets(v.minimum_reached, LONGEST)),
     Claim("pairs-differ-short", "At the shortest budget some router pairs differ after the Holm correction.",
-          "abstract, takeaway 7, results", ("ranking",), A,
+          "abstract, takeaway 7, results, discussion", ("ranking",), A,
           lambda ev: _flipped(v.at_budgets(v.no_pair_differs, SHORTEST)(ev))),
     Claim("router-spread-short", "At the shortest budget, at a fixed capacity factor, the routers lie further apart "
           "in mean best perplexity than raising the capacity factor from 1 to 1.25 moves any one of them.",
-          "takeaway 7, results", ("results", "cfppl"), A, v.at_budgets(v.router_spread_beats_capacity, SHORTEST)),
+          "introduction, takeaway 7, results", ("results", "cfppl"), A,
+          v.at_budgets(v.router_spread_beats_capacity, SHORTEST)),
     Claim("no-pair-differs-mid", "At the middle budget (1,600 steps) no pair of the five routers differs in best "
           "perplexity after the Holm correction, at either capacity factor.", "abstract, takeaway 7, results, "
-          "conclusion", ("ranking",), A, v.at_budgets(v.no_pair_differs, MIDDLE)),
+          "discussion, conclusion", ("ranking",), A, v.at_budgets(v.no_pair_differs, MIDDLE)),
     Claim("prior-ranking", "The prior ranking expert choice > soft top-k > hash > hard top-k > top-1 holds, at every "
           "budget.", "abstract, takeaway 7, results, conclusion", ("ranking",), A, v.prior_ranking),
     Claim("hash-below-softk", "Hash routing, which learns nothing, is lower in best perplexity than soft top-k at "
@@ -84,11 +85,11 @@ CLAIMS = (
           "the most is lower in perplexity than a router that drops less, at every budget.", "results",
           ("results", "ranking"), A, v.drops_do_not_order),
     Claim("dense-not-beaten", "Past the shortest budget no MoE configuration reaches a lower best perplexity than "
-          "the dense FFN of hidden 2F (the active FLOPs of k = 2).", "abstract, takeaway 9, results, conclusion",
-          ("results",), A, v.at_budgets(v.dense_not_beaten, PAST_SHORTEST)),
+          "the dense FFN of hidden 2F (the active FLOPs of k = 2).", "abstract, takeaway 9, results, discussion, "
+          "conclusion", ("results",), A, v.at_budgets(v.dense_not_beaten, PAST_SHORTEST)),
     Claim("dense-lowest-final", "At the longest budget the dense baseline ends its schedule with the lowest mean "
-          "validation loss: it overfits least.", "abstract, takeaway 9, results", ("results", "curve"), A,
-          v.at_budgets(v.dense_lowest_final, LONGEST)),
+          "validation loss: it overfits least.", "abstract, takeaway 9, results, discussion", ("results", "curve"),
+          A, v.at_budgets(v.dense_lowest_final, LONGEST)),
     Claim("moe-below-dense-iso", "At equal training compute (ends of schedules) MoE configurations end below the "
           "dense baseline.", "takeaway 9, results", ("isoflop",), A, v.moe_below_dense_at_equal_compute),
     # -- Experiment A: the controls --------------------------------------------------------------------
@@ -123,7 +124,7 @@ CLAIMS = (
     Claim("skew-drops-persist", "Under synthetic Zipf skew no capacity factor up to 2 removes the drops (k = 2).",
           "abstract, takeaway 4, conclusion", ("capdrop",), CAP, vb.skew_drops_persist),
     Claim("trained-cf-removes-drops", "For trained routers a capacity factor of 1.25 removes the drops of "
-          "capacity factor 1, in the bench and in training.", "abstract, takeaway 4, conclusion",
+          "capacity factor 1, in the bench and in training.", "abstract, takeaway 4, Experiment B, conclusion",
           ("capdrop", "results"), ("analysis", "capacity"), vb.trained_capacity_removes_drops),
     Claim("dropless-slow-skew", "Dropless is not free under skew: the dropless layer is slower than at capacity "
           "factor 1.", "takeaway 5", ("capthr",), CAP, vb.dropless_slower_under_skew),
@@ -147,25 +148,36 @@ def evaluate(evidence: Evidence, claims: tuple[Claim, ...] = CLAIMS) -> pd.DataF
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+CLAIMS_PER_PAGE = 11  # rows of the claims table per float: a float larger than a page is not printed
+
+
 def claims_tex(frame: pd.DataFrame) -> str:
-    """The appendix table (table*, label tab:claims), cells escaped, evidence as references."""
+    """The appendix table (table* floats of CLAIMS_PER_PAGE rows, the first labelled tab:claims), cells
+    escaped, evidence as references."""
     rows = [" & ".join([r["no"], tex_escape(r["claim"]), tex_escape(r["stated in"]),
                         ", ".join(EVIDENCE[k][0] for k in r["evidence"].split(", ")),
                         f"\\textbf{{{r['verdict']}}}", tex_escape(r["deciding numbers"])]) + " \\\\"
             for r in frame.to_dict("records")]
-    return "\n".join([
-        "% Generated by moe_core.analysis.claims (python -m moe_core.analysis.paper). Do not edit by hand.",
-        "\\begin{table*}[p]", "\\centering\\footnotesize",
+    caption = [
         "\\caption{The claims of the abstract, introduction, takeaways, discussion and conclusion, each with the "
         "table or figure that backs it and its verdict computed from the records by "
         "\\texttt{moe\\_core.analysis.claims} (holds, unresolved or reversed; Experiment~A comparisons paired over "
         "seeds and Holm-corrected, a verdict per token budget; the rules are in the module). The text cites a claim "
         "by its number; \\texttt{tests/test\\_claims.py} fails when a verdict stated in the text differs from this "
         "table. The correctness claims are held by the test suite itself (Table~\\ref{tab:checks}).}",
-        "\\label{tab:claims}", "\\setlength{\\tabcolsep}{3pt}\\renewcommand{\\arraystretch}{1.15}",
-        "\\begin{tabular}{@{}l p{0.3\\textwidth} p{0.1\\textwidth} p{0.1\\textwidth} l p{0.3\\textwidth}@{}}",
-        "\\toprule", "& Claim & Stated in & Evidence & Verdict & Deciding numbers \\\\", "\\midrule",
-        *rows, "\\bottomrule", "\\end{tabular}", "\\end{table*}", ""])
+        "\\label{tab:claims}"]
+    floats = []
+    for start in range(0, len(rows), CLAIMS_PER_PAGE):
+        head = caption if start == 0 else ["Table~\\ref{tab:claims}, continued.\\par\\smallskip"]
+        floats += [
+            "\\begin{table*}[p]", "\\centering\\scriptsize", *head,
+            "\\setlength{\\tabcolsep}{3pt}\\renewcommand{\\arraystretch}{1.15}",
+            "\\begin{tabular}{@{}l p{0.28\\textwidth} p{0.1\\textwidth} p{0.1\\textwidth} l p{0.34\\textwidth}@{}}",
+            "\\toprule", "& Claim & Stated in & Evidence & Verdict & Deciding numbers \\\\", "\\midrule",
+            *rows[start:start + CLAIMS_PER_PAGE], "\\bottomrule", "\\end{tabular}", "\\end{table*}"]
+    return "\n".join(
+        ["% Generated by moe_core.analysis.claims (python -m moe_core.analysis.paper). Do not edit by hand.",
+         *floats, ""])
 
 
 def claims_markdown(frame: pd.DataFrame, experiment: str) -> str:
