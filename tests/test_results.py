@@ -191,6 +191,7 @@ def test_formatting_and_macro_clashes():
     assert [latex.format_number(v) for v in (3.2149, 41.77, 12345.6, 0.0512, 1.5e15, 7, None, math.nan)] == \
         ["3.21", "41.8", "12,300", "0.0512", "$1.5\\times10^{15}$", "7", "n/a", "n/a"]
     assert latex.format_mean_ci(3.214, 0.0512) == "3.21 $\\pm$ 0.051"
+    assert latex.format_mean_ci(2.89e6, 1.4e-9) == "$(2.89 \\pm 0)\\times10^{6}$"  # float noise of equal values
     assert latex.latex_macros({"a": "expert_choice"}).endswith("\\newcommand{\\A}{expert\\_choice}\n")
     with pytest.raises(ValueError, match="both make"):
         latex.latex_macros({"a b": 1, "A_b": 2})

@@ -58,8 +58,9 @@ def format_mean_ci(mean, ci) -> str:
         return text
     scientific = re.fullmatch(r"\$(.*)\\times10\^\{(-?\d+)\}\$", text)
     if scientific:
-        exponent = int(scientific.group(2))
-        return f"$({scientific.group(1)} \\pm {format_number(ci / 10 ** exponent, 2)})\\times10^{{{exponent}}}$"
+        exponent = int(scientific.group(2))  # the CI on the mean's scale, below its last digit shown as 0
+        scaled = format_number(round(ci / 10 ** exponent, 3), 2)
+        return f"$({scientific.group(1)} \\pm {scaled})\\times10^{{{exponent}}}$"
     return f"{text} $\\pm$ {format_number(ci, 2)}"
 
 
