@@ -115,7 +115,7 @@ def test_without_records_a_notebook_stops_at_once_with_one_line(tmp_path, part):
 @pytest.mark.parametrize("part", ["a", "b"])
 def test_a_draft_cannot_overwrite_the_committed_paper_inputs(tmp_path, part):
     before = {p: p.stat().st_mtime_ns for p in (ROOT / "figures").iterdir()}
-    with pytest.raises(papermill.PapermillExecutionError, match="experiment: only experiment_a writes"):
+    with pytest.raises(papermill.PapermillExecutionError, match="experiment: only experiment_a_v2 writes"):
         papermill.execute_notebook(
             str(ROOT / "notebooks" / f"analysis_{part}.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
             parameters=dict(runs_dir=str(tmp_path), experiment="smoke", figures_dir="figures",

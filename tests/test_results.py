@@ -239,13 +239,13 @@ def test_stored_numbers_are_read_and_computed_only_when_missing(tmp_path, runs_d
 def test_only_the_paper_experiment_writes_the_committed_inputs(tmp_path):
     figures, paper = tables.ROOT / "figures", tables.ROOT / "paper"
     committed = (figures, paper / "tables", paper / "numbers_a.tex")
-    tables.check_destinations("experiment_a", *committed)
+    tables.check_destinations(tables.PAPER_EXPERIMENT, *committed)
     tables.check_destinations("smoke", figures / "smoke", paper / "tables" / "smoke",
                               paper / "tables" / "smoke" / "numbers_a.tex")
     for i in range(3):
         drafts = [tmp_path / "figures", tmp_path / "tables", tmp_path / "numbers_a.tex"]
         drafts[i] = committed[i]
-        with pytest.raises(ValueError, match=r"^experiment: only experiment_a writes the committed paper inputs"):
+        with pytest.raises(ValueError, match=rf"^experiment: only {tables.PAPER_EXPERIMENT} writes the committed paper"):
             tables.check_destinations("smoke", *drafts)
 
 

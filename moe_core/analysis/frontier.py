@@ -74,11 +74,18 @@ def _first_reach(run: pd.DataFrame, metric: str, target: float, interpolate: boo
     return tokens[i - 1] + (values[i - 1] - target) / (values[i - 1] - values[i]) * (tokens[i] - tokens[i - 1])
 
 
+def comparable(runs: pd.DataFrame) -> pd.DataFrame:
+    """The ok runs whose validation losses compare: evaluated on the experiment's usual validation text."""
+    own = runs["own_validation"].fillna(False).astype(bool) if "own_validation" in runs else False
+    return runs[(runs["status"] == "ok") & ~own]
+
+
 def iso_flop_groups(runs: pd.DataFrame, tolerance: float = ISO_FLOP_TOLERANCE) -> pd.DataFrame:
     """One row per config and budget with ok runs: its end-of-schedule ``train_flops`` (mean over
     seeds), COMPUTE_FIELDS, and ``iso_group``: sorted by FLOPs, a new group starts where a cell lies
-    more than ``tolerance`` above the group's first; ``iso_flops`` is the group's median FLOPs."""
-    ok = runs[runs["status"] == "ok"]
+    more than ``tolerance`` above the group's first; ``iso_flops`` is the group's median FLOPs. Configs
+    evaluated on other text (``own_validation``: a split probe) take no part."""
+    ok = comparable(runs)
     fields = [f for f in COMPUTE_FIELDS if f in ok]
     cells = ok.groupby(CELL, sort=False).agg(train_flops=("train_flops", "mean"),
                                              **{f: (f, "first") for f in fields if f not in CELL})
@@ -169,10 +176,12 @@ def pareto_probability(runs: pd.DataFrame, speed: pd.DataFrame, metric: str = "b
     of ``speed`` (throughput), min ``metric``) and ``pareto_prob``, the share of bootstrap resamples
     in which it is on the front: each config's seeds resampled with replacement, its tokens/s
     resampled with them when it comes from the runs, fixed when it comes from a solo bench. A config
-    whose tokens/s is not comparable takes no part: never on the front, probability NaN."""
-    ok = runs[runs["status"] == "ok"]
+    whose tokens/s is not comparable, or that is evaluated on other text (``own_validation``), takes no
+    part: never on the front, probability NaN."""
+    ok = comparable(runs)
     cells = speed.dropna(subset=CELL).reset_index(drop=True)
-    usable = cells["tokens_per_s_comparable"].to_numpy(bool)
+    ranked = cells[CELL].merge(ok.drop_duplicates(CELL)[CELL].assign(ranked=True), on=CELL, how="left")
+    usable = cells["tokens_per_s_comparable"].to_numpy(bool) & ranked["ranked"].fillna(False).to_numpy(bool)
     rng = np.random.default_rng(seed)
     draws = np.full((resamples, len(cells), 2), math.nan)
     means = np.full((len(cells), 2), math.nan)

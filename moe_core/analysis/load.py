@@ -49,7 +49,11 @@ SCHEDULE_FIELDS = ("steps", "warmup", "eval_interval", "log_interval")  # set by
 NAMED_FIELDS = ("router", "ffn", "capacity_factor")  # already spelled by the name's router and CF
 LABELS = (*ROUTERS, "dense")  # display order of routers in tables and legends
 ROUTING_STATS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy")
-DESCRIPTORS = ("name", "label", "cf_label", "variant", "budget_tokens")  # functions of the config, kept by aggregation
+DESCRIPTORS = ("name", "label", "cf_label", "variant", "budget_tokens", "own_validation")  # kept by aggregation
+# The fields that choose the validation tokens: a config that deviates from the experiment's usual value
+# of one (a split probe) is evaluated on other text, so its losses never rank against the others.
+VALIDATION_FIELDS = ("corpus", "tokenizer", "bpe_vocab_size", "seq_len", "val_fraction", "split_method",
+                     "eval_windows", "max_stories", "synthetic_chars", "data_seed")
 BENCH_KEYS = ("source", "num_experts", "top_k", "capacity_factor", "cf_label", "tokens", "dim", "hidden",
               "router", "backend", "device_name", "dtype")
 BENCH_METRICS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac",
@@ -89,9 +93,9 @@ def load_experiment(runs_dir: str | Path, experiment: str, bench_dir: str | Path
         return Records(empty, empty.copy())
     bench = load_bench(bench_dir, "train") if bench_dir is not None else pd.DataFrame()
     runs = solo_throughput(_name_configs(pd.DataFrame([run for run, _ in read])), bench)
-    names = dict(zip(runs["run"], zip(runs["name"], runs["variant"])))
-    evals = pd.DataFrame([{**row, "name": names[row["run"]][0], "variant": names[row["run"]][1]}
-                          for _, rows in read for row in rows])
+    named = ("name", "variant", "own_validation")
+    names = {run: dict(zip(named, values)) for run, *values in zip(runs["run"], *(runs[k] for k in named))}
+    evals = pd.DataFrame([{**row, **names[row["run"]]} for _, rows in read for row in rows])
     return Records(sort_rows(runs), sort_rows(evals))
 
 
@@ -235,7 +239,12 @@ def _name_configs(runs: pd.DataFrame) -> pd.DataFrame:
                           by=[base])
     variant = _deviations(runs, variant, [k for k in keys if k in SCHEDULE_FIELDS],
                           by=[base + variant, runs["budget_tokens"]])
-    return runs.assign(name=(base + " " + variant).str.strip(), variant=variant)
+    fields = [k for k in VALIDATION_FIELDS if k in runs]
+    usual = _usual_values(runs, fields)
+    own = pd.Series(False, index=runs.index)
+    for field in fields:
+        own |= runs[field].map(repr) != usual[field]
+    return runs.assign(name=(base + " " + variant).str.strip(), variant=variant, own_validation=own)
 
 
 def _deviations(runs: pd.DataFrame, variant: pd.Series, fields: list[str], by: list) -> pd.Series:

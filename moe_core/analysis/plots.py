@@ -16,6 +16,7 @@ builder's chart stays composable (concat, layer) before ``save``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import altair as alt
@@ -117,15 +118,40 @@ def _column_figure(layers: list, title: str, subtitle: str) -> alt.LayerChart:
                                          title=alt.Title(title, subtitle=subtitle))
 
 
+def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
+    """The configs evaluated on the experiment's usual validation text (a split probe's losses are
+    not on the same scale), with ``budget``, the token budget as a panel title, and ``cell``, one
+    line per config and budget."""
+    if "own_validation" in frame:
+        frame = frame[~frame["own_validation"].fillna(False).astype(bool)]
+    tokens = frame["budget_tokens"] if "budget_tokens" in frame else pd.Series(math.nan, index=frame.index)
+    budget = pd.Series([f"{t / 1e6:.3g}M tokens" if t == t else "" for t in tokens], index=frame.index, dtype=object)
+    return frame.assign(budget_tokens=tokens, budget=budget, cell=frame["name"] + " @ " + budget)
+
+
+def _by_budget(layers: list, df: pd.DataFrame, title: str, subtitle: str,
+               independent: tuple[str, ...] = ("y",)) -> alt.LayerChart | alt.FacetChart:
+    """One column figure, or, where the frame holds several token budgets, one panel per budget
+    (smallest first, each with its own ``independent`` scales: the budgets differ more than configs do)."""
+    if df["budget"].nunique() <= 1:
+        return _column_figure([layer.properties(data=df) for layer in layers], title, subtitle)
+    order = list(dict.fromkeys(df.sort_values("budget_tokens")["budget"]))
+    return alt.layer(*layers, data=df).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
+        column=alt.Column("budget:N", title=None, sort=order)).resolve_scale(
+        **{channel: "independent" for channel in independent}).properties(
+        title=alt.Title(title, subtitle=subtitle))
+
+
 # -- Experiment A -----------------------------------------------------------------------------------
-def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
+def frontier_chart(table: pd.DataFrame) -> alt.LayerChart | alt.FacetChart:
     """Throughput vs best validation perplexity per config (stats.run_table), 95% CI bars over
-    seeds on both axes, the Pareto front as a dashed step, the dense baseline labelled."""
-    df = _with_variant(_band(_band(table, "best_val_ppl_mean", "best_val_ppl_ci95")
-                             .rename(columns={"lo": "y_lo", "hi": "y_hi"}),
-                             "median_tokens_per_s_mean", "median_tokens_per_s_ci95"))
+    seeds on both axes, the Pareto front as a dashed step, the dense baseline labelled; a panel per
+    token budget where there are several."""
+    df = _ranked(_with_variant(_band(_band(table, "best_val_ppl_mean", "best_val_ppl_ci95")
+                                     .rename(columns={"lo": "y_lo", "hi": "y_hi"}),
+                                     "median_tokens_per_s_mean", "median_tokens_per_s_ci95")))
     x = alt.X("median_tokens_per_s_mean:Q", title="training throughput (tokens/s, median; M = 1e6)",
-              scale=alt.Scale(zero=False, nice=False, padding=8), axis=alt.Axis(format="~s"))
+              scale=alt.Scale(zero=False, nice=False, padding=8), axis=alt.Axis(format="~s", tickCount=4))
     y = alt.Y("best_val_ppl_mean:Q", title="best validation perplexity (per token)",
               scale=alt.Scale(zero=False, nice=False, padding=8))
     color = _label_color(df)
@@ -133,7 +159,7 @@ def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
     shape = alt.Shape("variant:N", title="capacity", scale=alt.Scale(
         domain=domain, range=[CF_SHAPES.get(v.removeprefix("CF "), "cross") if v != "dense FFN" else "cross"
                               for v in domain]))
-    base = alt.Chart(df)
+    base = alt.Chart()
     front = base.transform_filter("datum.pareto").mark_line(interpolate="step-after", strokeDash=[3, 2],
                                                             color="#999999", strokeWidth=1).encode(
         x=x, y=y, order="median_tokens_per_s_mean:Q")
@@ -143,30 +169,35 @@ def frontier_chart(table: pd.DataFrame) -> alt.LayerChart:
         base.mark_rule(strokeWidth=1).encode(x="lo:Q", x2="hi:Q", y=y, color=color),
         base.mark_point(size=40, filled=True, opacity=1).encode(x=x, y=y, color=color, shape=shape,
                                                                 tooltip=["name", "n_runs"]),
-        base.transform_filter("datum.label == 'dense'").mark_text(align="left", dx=6, fontSize=8).encode(
+        base.transform_filter("datum.label == 'dense'").mark_text(align="left", dx=6, fontSize=FONT_SIZE).encode(
             x=x, y=y, text=alt.value("dense")),
     ]
-    return _column_figure(layers, "Throughput vs. perplexity", "mean ± 95% CI over seeds; dashed: Pareto front")
+    return _by_budget(layers, df, "Throughput vs. perplexity", "mean ± 95% CI over seeds; dashed: Pareto front")
 
 
-def training_curve_chart(curve: pd.DataFrame) -> alt.LayerChart:
-    """Validation loss vs training tokens (stats.curves): a line per config, band ±1 s.d. over seeds."""
-    df = _with_variant(_band(curve.dropna(subset=["val_loss_mean"]), "val_loss_mean", "val_loss_std"))
-    x = alt.X("tokens:Q", title="training tokens", axis=alt.Axis(format="~s"))
+def training_curve_chart(curve: pd.DataFrame) -> alt.LayerChart | alt.FacetChart:
+    """Validation loss vs training tokens (stats.curves): a line per config, band ±1 s.d. over seeds;
+    a panel per token budget (each its own schedule) where there are several."""
+    df = _ranked(_with_variant(_band(curve.dropna(subset=["val_loss_mean"]), "val_loss_mean", "val_loss_std")))
+    x = alt.X("tokens:Q", title="training tokens", axis=alt.Axis(format="~s", tickCount=4))
     color = _label_color(df)
     dash = _dash("variant", _variant_domain(df), "capacity")
-    band = alt.Chart(df).mark_area(opacity=0.18).encode(x=x, y="lo:Q", y2="hi:Q", color=color, detail="name:N")
-    line = alt.Chart(df).mark_line().encode(
+    band = alt.Chart().mark_area(opacity=0.18).encode(x=x, y="lo:Q", y2="hi:Q", color=color, detail="cell:N")
+    line = alt.Chart().mark_line().encode(
         x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
-        color=color, strokeDash=dash, detail="name:N", tooltip=["name", "step", "val_loss_mean"])
-    return _column_figure([band, line], "Training curves", "mean over seeds, band ±1 s.d.")
+        color=color, strokeDash=dash, detail="cell:N", tooltip=["name", "step", "val_loss_mean"])
+    return _by_budget([band, line], df, "Training curves", "mean over seeds, band ±1 s.d.", independent=("x", "y"))
 
 
 def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT_UNITS)) -> alt.FacetChart:
     """Routing statistics (means over each eval interval's training steps) vs step, per config;
     one panel per statistic, its unit in the panel header. The dense baseline has none."""
     cols = [f"{s}_mean" for s in stats if f"{s}_mean" in curve]
-    moe = _with_variant(curve[curve["label"] != "dense"])
+    moe = _ranked(_with_variant(curve[curve["label"] != "dense"]))
+    subtitle = "mean over each eval interval and seeds"
+    if moe["budget"].nunique() > 1:  # the longest schedule shows the whole trajectory
+        moe = moe[moe["budget_tokens"] == moe["budget_tokens"].max()]
+        subtitle += f"; the {moe['budget'].iloc[0]} budget"
     long = moe.melt(id_vars=["name", "label", "variant", "step"], value_vars=cols, var_name="stat",
                     value_name="value").dropna(subset=["value"])
     long["stat"] = long["stat"].str.removesuffix("_mean").map(STAT_UNITS)
@@ -177,19 +208,19 @@ def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT
     ).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
         column=alt.Column("stat:N", title=None, sort=[STAT_UNITS[s] for s in stats]),
     ).resolve_scale(y="independent").properties(title=alt.Title(
-        "Routing statistics during training", subtitle="mean over each eval interval and seeds"))
+        "Routing statistics during training", subtitle=subtitle))
 
 
 def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.LayerChart:
     """Validation loss vs training FLOPs (tokens x train FLOPs per token), so k=1 and k=2 compare
     at equal compute; a vertical rule at the iso-FLOP budget of stats.loss_at_flops."""
-    df = _with_variant(curve.dropna(subset=["val_loss_mean", "train_flops"]))
+    df = _ranked(_with_variant(curve.dropna(subset=["val_loss_mean", "train_flops"])))
     x = alt.X("train_flops:Q", title="training compute (FLOPs; G = 1e9, T = 1e12, P = 1e15)",
               scale=alt.Scale(type="log", nice=False, padding=6), axis=alt.Axis(format="~s", tickCount=5))
     lines = alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
         color=_label_color(df), strokeDash=_dash("variant", _variant_domain(df), "capacity"),
-        detail="name:N", tooltip=["name", "train_flops", "val_loss_mean"])
+        detail="cell:N", tooltip=["name", "budget", "train_flops", "val_loss_mean"])
     layers, subtitle = [lines], "mean over seeds"
     if budget is not None and budget == budget:
         layers.append(alt.Chart(pd.DataFrame({"budget": [budget]})).mark_rule(strokeDash=[2, 2], color="#777777")
