@@ -58,9 +58,10 @@ def format_mean_ci(mean, ci) -> str:
         return text
     scientific = re.fullmatch(r"\$(.*)\\times10\^\{(-?\d+)\}\$", text)
     if scientific:
-        exponent = int(scientific.group(2))  # the CI on the mean's scale, below its last digit shown as 0
-        scaled = format_number(round(ci / 10 ** exponent, 3), 2)
-        return f"$({scientific.group(1)} \\pm {scaled})\\times10^{{{exponent}}}$"
+        exponent = int(scientific.group(2))
+        scaled = ci / 10 ** exponent  # below 1e-3 (float noise of equal values) as 0: no $..$ inside $..$
+        return f"$({scientific.group(1)} \\pm {format_number(scaled, 2) if abs(scaled) >= 1e-3 else 0})" \
+               f"\\times10^{{{exponent}}}$"
     return f"{text} $\\pm$ {format_number(ci, 2)}"
 
 
