@@ -211,8 +211,11 @@ def test_throughput_solo_bench_or_runs_marked_when_shared(records):
     assert math.isnan(untimed["tokens_per_s"]) and not untimed["tokens_per_s_comparable"]
     by_name = frontier.throughput(records.runs, bench.assign(name=["softk cf1.0", "dense"])).set_index(stats.CELL)
     assert by_name.loc[("dense", BUDGETS[1]), "tokens_per_s"] == 3.6e6  # a bench that names its configs
-    with pytest.raises(ValueError, match="^bench: two timing rows for one configuration"):
-        frontier.throughput(records.runs, pd.concat([bench, bench]))
+    twice = frontier.throughput(records.runs, pd.concat([bench, bench.assign(tokens_per_s=[3.3e6, 3.6e6],
+                                                                            tokens_per_s_cv=[0.04, 0.01])]))
+    pooled = twice.set_index(stats.CELL).loc[("softk cf1.0", BUDGETS[1])]  # one step timed twice: pooled
+    assert pooled["tokens_per_s"] == pytest.approx(3.2e6)
+    assert pooled["tokens_per_s_ci95"] == pytest.approx(stats.t_quantile(0.975, 4) * 0.04 * 3.2e6 / math.sqrt(5))
     with pytest.raises(ValueError, match="^bench: a solo timing frame needs"):
         frontier.throughput(records.runs, bench.drop(columns="tokens_per_s_cv"))
 
