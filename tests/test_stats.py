@@ -262,3 +262,15 @@ def test_experiment_a_outputs_per_budget(tmp_path, records):
 def test_markdown_numbers_never_use_e_notation():
     assert [markdown.number(v) for v in (970430.8, 6155586, 0.0123, 12.345, 0.0, math.nan)] == \
         ["970k", "6.16M", "0.0123", "12.3", "0", "n/a"]
+
+
+def test_expert_choice_gap_splits_into_future_tokens_and_rule_change():
+    rows = [{"status": "ok", "label": "expert_choice", "name": "expert_choice cf1.0", "budget_tokens": 1, "seed": s,
+             "val_loss_noncausal_at_best": 1.0 + 0.01 * s, "val_loss_prefix_at_best": 1.2 + 0.01 * s + 0.001 * (s % 2),
+             "val_loss_at_best": 1.21 + 0.01 * s + 0.003 * (s % 2)} for s in range(5)]
+    rows.append({**rows[0], "label": "softk", "name": "softk cf1.0"})  # not expert choice: not in the table
+    ec = stats.ec_decomposition(pd.DataFrame(rows)).set_index("effect")
+    future, rule = ec.loc["reading future tokens"], ec.loc["change of routing rule"]
+    assert future["n"] == rule["n"] == 5 and future["difference"] == pytest.approx(0.2004)
+    assert rule["difference"] == pytest.approx(0.0108) and future["significant"] and future["p_holm"] >= future["p"]
+    assert stats.ec_decomposition(pd.DataFrame(rows).drop(columns="val_loss_prefix_at_best")).empty

@@ -27,6 +27,7 @@ from .stats import (
     CELL,
     COMPARISON_COLUMNS,
     compare,
+    ec_decomposition,
     front_mask,
     ranking_check,
     run_table,
@@ -229,10 +230,12 @@ class Analysis(NamedTuple):
     ranking: pd.DataFrame  # stats.ranking_check: the prior claim, every router pair x CF, Holm per budget
     variants: pd.DataFrame  # stats.variant_check: each variant vs its main config, Holm per budget
     iso: pd.DataFrame  # iso_flop_check: compute-matched pairs at the ends of schedules, one Holm family
+    ec: pd.DataFrame | None = None  # stats.ec_decomposition: expert choice's causal gap in two parts
 
 
 def analyse(runs: pd.DataFrame, evals: pd.DataFrame | None = None, bench: pd.DataFrame | None = None,
             target: float | None = None) -> Analysis:
     """The results of one experiment from its run (and eval) frames and an optional solo timing pass."""
     target, table = budget_table(runs, evals, bench, target)
-    return Analysis(table, target, ranking_check(runs), variant_check(runs), iso_flop_check(runs))
+    return Analysis(table, target, ranking_check(runs), variant_check(runs), iso_flop_check(runs),
+                    ec_decomposition(runs))
