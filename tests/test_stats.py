@@ -211,8 +211,11 @@ def test_throughput_solo_bench_or_runs_marked_when_shared(records):
     assert math.isnan(untimed["tokens_per_s"]) and not untimed["tokens_per_s_comparable"]
     by_name = frontier.throughput(records.runs, bench.assign(name=["softk cf1.0", "dense"])).set_index(stats.CELL)
     assert by_name.loc[("dense", BUDGETS[1]), "tokens_per_s"] == 3.6e6  # a bench that names its configs
-    with pytest.raises(ValueError, match="^bench: two timing rows for one configuration"):
-        frontier.throughput(records.runs, pd.concat([bench, bench]))
+    twice = frontier.throughput(records.runs, pd.concat([bench, bench.assign(tokens_per_s=[3.3e6, 3.6e6],
+                                                                            tokens_per_s_cv=[0.04, 0.01])]))
+    pooled = twice.set_index(stats.CELL).loc[("softk cf1.0", BUDGETS[1])]  # one step timed twice: pooled
+    assert pooled["tokens_per_s"] == pytest.approx(3.2e6)
+    assert pooled["tokens_per_s_ci95"] == pytest.approx(stats.t_quantile(0.975, 4) * 0.04 * 3.2e6 / math.sqrt(5))
     with pytest.raises(ValueError, match="^bench: a solo timing frame needs"):
         frontier.throughput(records.runs, bench.drop(columns="tokens_per_s_cv"))
 
@@ -259,3 +262,15 @@ def test_experiment_a_outputs_per_budget(tmp_path, records):
 def test_markdown_numbers_never_use_e_notation():
     assert [markdown.number(v) for v in (970430.8, 6155586, 0.0123, 12.345, 0.0, math.nan)] == \
         ["970k", "6.16M", "0.0123", "12.3", "0", "n/a"]
+
+
+def test_expert_choice_gap_splits_into_future_tokens_and_rule_change():
+    rows = [{"status": "ok", "label": "expert_choice", "name": "expert_choice cf1.0", "budget_tokens": 1, "seed": s,
+             "val_loss_noncausal_at_best": 1.0 + 0.01 * s, "val_loss_prefix_at_best": 1.2 + 0.01 * s + 0.001 * (s % 2),
+             "val_loss_at_best": 1.21 + 0.01 * s + 0.003 * (s % 2)} for s in range(5)]
+    rows.append({**rows[0], "label": "softk", "name": "softk cf1.0"})  # not expert choice: not in the table
+    ec = stats.ec_decomposition(pd.DataFrame(rows)).set_index("effect")
+    future, rule = ec.loc["reading future tokens"], ec.loc["change of routing rule"]
+    assert future["n"] == rule["n"] == 5 and future["difference"] == pytest.approx(0.2004)
+    assert rule["difference"] == pytest.approx(0.0108) and future["significant"] and future["p_holm"] >= future["p"]
+    assert stats.ec_decomposition(pd.DataFrame(rows).drop(columns="val_loss_prefix_at_best")).empty

@@ -27,6 +27,7 @@ from .stats import (
     CELL,
     COMPARISON_COLUMNS,
     compare,
+    ec_decomposition,
     front_mask,
     ranking_check,
     run_table,
@@ -146,7 +147,10 @@ def throughput(runs: pd.DataFrame, bench: pd.DataFrame | None = None) -> pd.Data
     require("tokens_per_s" in bench and "tokens_per_s_cv" in bench, "bench",
             f"a solo timing frame needs tokens_per_s and tokens_per_s_cv columns, got {sorted(bench.columns)}")
     keys, frame = _bench_keys(ok, bench)
-    require(not frame.duplicated(keys).any(), "bench", f"two timing rows for one configuration (matched on {keys})")
+    # Rows that time one training step twice (configs that differ only in what the step does not see,
+    # e.g. the data split) are pooled: their median, the larger spread and the fewer repeats.
+    pooled = {"tokens_per_s": "median", "tokens_per_s_cv": "max", **({"repeats": "min"} if "repeats" in frame else {})}
+    frame = frame.groupby(keys, dropna=False, sort=False).agg(pooled).reset_index()
     repeats = frame["repeats"] if "repeats" in frame else pd.Series(math.nan, index=frame.index)
     frame = frame.assign(tokens_per_s_ci95=[
         t_quantile(0.975, n - 1) * cv * tok / math.sqrt(n) if n > 1 else math.nan
@@ -160,12 +164,14 @@ def throughput(runs: pd.DataFrame, bench: pd.DataFrame | None = None) -> pd.Data
 
 
 def _bench_keys(runs: pd.DataFrame, bench: pd.DataFrame) -> tuple[list[str], pd.DataFrame]:
-    """(join columns, bench with cf_label and ffn filled in) for matching bench rows to run configs."""
-    if "name" in bench:
+    """(join columns, bench with cf_label and ffn filled in) for matching bench rows to run configs:
+    the config name where the bench uses the analysis's names, else the config columns (a bench over
+    a params file names its rows by their first run)."""
+    if "name" in bench and bench["name"].isin(runs["name"]).any():
         return ["name"], bench
     frame = bench.assign(ffn=bench["ffn"] if "ffn" in bench else "moe")
-    if "capacity_factor" in frame:
-        frame = frame.assign(cf_label=frame["capacity_factor"].map(cf_label))
+    if "capacity_factor" in frame:  # a dense FFN has no capacity factor (its runs' cf_label is empty)
+        frame = frame.assign(cf_label=frame["capacity_factor"].map(cf_label).where(frame["ffn"] != "dense"))
     keys = [k for k in config_keys(runs) if k in frame and k not in (*SCHEDULE_FIELDS, "capacity_factor")]
     return keys + ["cf_label"] * ("cf_label" in frame), frame
 
@@ -224,10 +230,12 @@ class Analysis(NamedTuple):
     ranking: pd.DataFrame  # stats.ranking_check: the prior claim, every router pair x CF, Holm per budget
     variants: pd.DataFrame  # stats.variant_check: each variant vs its main config, Holm per budget
     iso: pd.DataFrame  # iso_flop_check: compute-matched pairs at the ends of schedules, one Holm family
+    ec: pd.DataFrame | None = None  # stats.ec_decomposition: expert choice's causal gap in two parts
 
 
 def analyse(runs: pd.DataFrame, evals: pd.DataFrame | None = None, bench: pd.DataFrame | None = None,
             target: float | None = None) -> Analysis:
     """The results of one experiment from its run (and eval) frames and an optional solo timing pass."""
     target, table = budget_table(runs, evals, bench, target)
-    return Analysis(table, target, ranking_check(runs), variant_check(runs), iso_flop_check(runs))
+    return Analysis(table, target, ranking_check(runs), variant_check(runs), iso_flop_check(runs),
+                    ec_decomposition(runs))

@@ -48,7 +48,11 @@ REPLICATE_FIELDS = ("seed", *RUN_CONTROL_FIELDS)  # vary between replicates of o
 SCHEDULE_FIELDS = ("steps", "warmup", "eval_interval", "log_interval")  # set by the budget, not in names
 NAMED_FIELDS = ("router", "ffn", "capacity_factor")  # already spelled by the name's router and CF
 LABELS = (*ROUTERS, "dense")  # display order of routers in tables and legends
-ROUTING_STATS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy")
+ROUTING_STATS = ("drop_rate", "token_drop_rate", "load_cv", "max_vio", "gate_entropy",
+                 "p1_mean", "p1_over_half", "token_expert_mi")  # the last three: router confidence, token-expert MI
+# Evaluations of one set of weights, read at the run's best (causal) evaluation: expert choice's causal,
+# causal-prefix and non-causal validation losses (the others have val_loss only).
+AT_BEST = ("val_loss", "val_loss_prefix", "val_loss_noncausal")
 DESCRIPTORS = ("name", "label", "cf_label", "variant", "budget_tokens", "own_validation")  # kept by aggregation
 # The fields that choose the validation tokens: a config that deviates from the experiment's usual value
 # of one (a split probe) is evaluated on other text, so its losses never rank against the others.
@@ -120,13 +124,14 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     noncausal = min((r["val_loss_noncausal"] for r in metrics if r.get("val_loss_noncausal") is not None),
                     default=None)
     last = metrics[-1] if metrics else {}
+    at_best = next((r for r in metrics if r.get("step") == best_step), {})
     splits = (record.get("data") or {}).get("splits") or {}
     run = {**common, "error": summary.get("error"), "steps_done": summary.get("steps_done", last.get("step")),
            "tokens": last.get("tokens"), "train_flops": _times(last.get("tokens"), flops),
            "best_val_loss": best_loss, "best_val_ppl": _exp(best_loss),
            "best_val_step": best_step, "best_val_loss_noncausal": noncausal,
            "best_val_ppl_noncausal": _exp(noncausal), "final_val_loss": last.get("val_loss"),
-           **{f"final_{s}": last.get(s) for s in ROUTING_STATS},
+           **{f"final_{s}": last.get(s) for s in ROUTING_STATS}, **{f"{k}_at_best": at_best.get(k) for k in AT_BEST},
            **{k: summary.get(k) for k in ("median_tokens_per_s", "mfu", "params", "peak_mem_bytes", "wall_time_s")},
            "concurrency": summary.get("concurrency", record.get("concurrency")),
            "device_name": summary.get("device"), "git_commit": (record.get("git") or {}).get("commit"),

@@ -91,6 +91,34 @@ def _comparison_rows(check: pd.DataFrame, metric: str, with_flops: bool = False)
     return _markdown_table((["FLOPs"] if with_flops else []) + header, rows)
 
 
+def _ec_rows(ec: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    lines = ["### Expert choice: reading future tokens vs the change of routing rule", "",
+             "The causal − non-causal gap of each expert-choice config (validation loss, nats, at each run's best "
+             "causal evaluation: one set of weights evaluated three ways) in two parts: prefix − non-causal (the "
+             "training rule over causal prefixes of each sequence: only the future is hidden) and causal − prefix "
+             "(token-choice top-k instead of expert choice, both causal). Paired per seed; one Holm family.", ""]
+    rows = [[r["name"], _budget_title(table, r["budget_tokens"]), r["effect"], str(r["n"]),
+             _mean_ci(r["difference"], r["difference_ci95"], signed=True), _p(r["p"]), _p(r["p_holm"]),
+             "yes" if r["significant"] else "no"] for r in ec.to_dict("records")]
+    return lines + _markdown_table(["config", "budget", "part", "seeds", "nats", "p", "p Holm", "after Holm"],
+                                   rows) + [""]
+
+
+def _confidence_rows(table: pd.DataFrame) -> list[str]:
+    routed = table[(table["variant"] == "") & (table["label"] != "dense")] if "variant" in table else table.iloc[:0]
+    stats = ("final_p1_mean", "final_p1_over_half", "final_token_expert_mi", "final_gate_entropy")
+    if routed.empty or f"{stats[0]}_mean" not in routed or routed[f"{stats[0]}_mean"].isna().all():
+        return []
+    lines = ["### Router confidence at the end of training", "",
+             "Mean top-1 routing probability, share of tokens whose top-1 probability exceeds 0.5, the mutual "
+             "information between token id and chosen expert (nats; ln E = 2.08 is the ceiling at E = 8) and the "
+             "gate entropy, over the last evaluation interval (mean ± 95% CI over seeds; hash routes by table).", ""]
+    rows = [[r["name"], _budget_title(table, r["budget_tokens"]),
+             *(_mean_ci(r[f"{k}_mean"], r[f"{k}_ci95"]) for k in stats)] for r in routed.to_dict("records")]
+    return lines + _markdown_table(["config", "budget", "mean p₁", "share p₁ > 0.5", "token–expert MI", "gate entropy"],
+                                   rows) + [""]
+
+
 def results_markdown(runs: pd.DataFrame, evals: pd.DataFrame | None = None, bench: pd.DataFrame | None = None,
                      analysis: Analysis | None = None) -> str:
     """The results section (markdown) from the run and eval frames of load.load_experiment and an
@@ -121,5 +149,8 @@ def results_markdown(runs: pd.DataFrame, evals: pd.DataFrame | None = None, benc
         lines += ["### Compute-matched (iso-FLOP) at the ends of schedules", "",
                   "Configs whose whole runs cost the same training FLOPs by different means (k, expert width, dense "
                   "or MoE, token budget); final validation loss; one Holm family.", ""]
-        lines += _comparison_rows(analysis.iso, "final val. loss", with_flops=True)
+        lines += _comparison_rows(analysis.iso, "final val. loss", with_flops=True) + [""]
+    if analysis.ec is not None and not analysis.ec.empty:
+        lines += _ec_rows(analysis.ec, table)
+    lines += _confidence_rows(table)
     return "\n".join(lines)

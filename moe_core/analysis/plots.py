@@ -63,7 +63,10 @@ CF_SHAPES = {"1.0": "circle", "1.25": "square", "1.5": "diamond", "2.0": "triang
 TRAINED_PANEL = "trained (Exp. A)"  # the capacity_drop panel of Experiment A's routers
 STAT_UNITS = {"drop_rate": "drop rate (fraction of assignments)",
               "load_cv": "load CV (std/mean of tokens per expert)",
-              "gate_entropy": "gate entropy (nats)"}
+              "gate_entropy": "gate entropy (nats)",
+              "p1_mean": "mean top-1 routing probability",
+              "token_expert_mi": "token-expert mutual information (nats)"}
+STAT_COLUMNS = 3  # panels per row of the routing statistics figure
 
 
 # -- encodings --------------------------------------------------------------------------------------
@@ -206,7 +209,7 @@ def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT
         color=_label_color(long), strokeDash=_dash("variant", _variant_domain(long) if len(long) else [], "capacity"),
         detail="name:N",
     ).properties(width=SMALL_WIDTH, height=SMALL_HEIGHT).facet(
-        column=alt.Column("stat:N", title=None, sort=[STAT_UNITS[s] for s in stats]),
+        facet=alt.Facet("stat:N", title=None, sort=[STAT_UNITS[s] for s in stats]), columns=STAT_COLUMNS,
     ).resolve_scale(y="independent").properties(title=alt.Title(
         "Routing statistics during training", subtitle=subtitle))
 

@@ -181,6 +181,32 @@ def variant_check(runs: pd.DataFrame, metric: str = "best_val_ppl", alpha: float
                                                                                      "budget_tokens"])
 
 
+# Expert choice's causal - non-causal gap in two parts, each (name, from, to): to - from in nats.
+EC_EFFECTS = (("reading future tokens", "val_loss_noncausal_at_best", "val_loss_prefix_at_best"),
+              ("change of routing rule", "val_loss_prefix_at_best", "val_loss_at_best"))
+EC_COLUMNS = ("name", "budget_tokens", "effect", "n", "a_mean", "b_mean", "difference", "difference_ci95", "p",
+              "p_holm", "significant")
+
+
+def ec_decomposition(runs: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """Expert choice's causal - non-causal validation loss gap split in two, at each run's best
+    causal evaluation (one set of weights, three evaluations): reading future tokens (prefix -
+    non-causal: the same rule over causal prefixes, only the future hidden) and the change of
+    routing rule (causal - prefix: token-choice top-k instead of expert choice, both causal). Paired
+    per seed; one Holm family over configs, budgets and both effects. Empty without such runs."""
+    cols = {"val_loss_at_best", "val_loss_prefix_at_best", "val_loss_noncausal_at_best"}
+    if not cols <= set(runs):
+        return pd.DataFrame(columns=EC_COLUMNS)
+    ok = runs[(runs["status"] == "ok") & (runs["label"] == "expert_choice")].dropna(subset=sorted(cols))
+    rows = [{"name": name, "budget_tokens": budget, "effect": effect,
+             **paired_difference(group.set_index("seed")[a], group.set_index("seed")[b])}
+            for (name, budget), group in ok.groupby(CELL, sort=False) for effect, a, b in EC_EFFECTS]
+    frame = pd.DataFrame(rows, columns=[c for c in EC_COLUMNS if c not in ("p_holm", "significant")])
+    frame["p_holm"] = holm(frame["p"])
+    frame["significant"] = frame["p_holm"] < alpha
+    return frame
+
+
 def aggregate(frame: pd.DataFrame, metrics: Iterable[str], keys: Iterable[str] | None = None,
               extra_keys: Iterable[str] = (), run_col: str = "run") -> pd.DataFrame:
     """One row per config (``keys``, default load.config_keys(frame), plus ``extra_keys`` such as

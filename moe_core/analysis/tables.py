@@ -50,6 +50,11 @@ ISO_FLOP_CAPTION = (
     "training FLOPs (within 5\\%) by different means (k, expert width, dense or MoE, token budget); final "
     "validation loss, second minus first, paired over seeds (mean $\\pm$ 95\\% CI), $p$ and its Holm adjustment "
     "over every pair; lower: the config found lower after the correction.")
+EC_CAPTION = (
+    "Expert choice's causal $-$ non-causal validation-loss gap in two parts, at each run's best causal evaluation "
+    "(one set of weights evaluated three ways): reading future tokens (causal-prefix $-$ non-causal: the training "
+    "rule, only the future hidden) and the change of routing rule (causal $-$ causal-prefix); nats, paired over "
+    "seeds (mean $\\pm$ 95\\% CI), $p$ and its Holm adjustment over every row.")
 EXPERIMENT_B_CAPTION = (
     "Capacity factor vs.\\ dropped assignments, tokens left with no expert, MoE layer forward+backward "
     "throughput (mean $\\pm$ 95\\% Student-$t$ CI over bench runs) and the dispatch's fraction of the "
@@ -229,6 +234,12 @@ def comparison_table(check: pd.DataFrame) -> pd.DataFrame:
         columns={"Difference": "Second $-$ first"})
 
 
+def ec_table(ec: pd.DataFrame) -> pd.DataFrame:
+    """The LaTeX table of stats.ec_decomposition: config, budget, part, the paired difference."""
+    return pd.DataFrame({"Config": ec["name"].map(tex_escape), "Budget": _budget_cells(ec["budget_tokens"]),
+                         "Part": ec["effect"], **_comparison_cells(ec)}).rename(columns={"Difference": "Nats"})
+
+
 def ranking_numbers(check: pd.DataFrame, prefixes: dict | None = None) -> dict:
     """The macros of the ranking check, per budget (see experiment_a_numbers for the prefixes): pair
     counts by verdict after Holm's correction, an overall verdict (``holds`` only if every pair holds;
@@ -282,8 +293,9 @@ def write_experiment_a(runs: pd.DataFrame, evals: pd.DataFrame | None, experimen
              to_csv(runs, tables_dir / f"{experiment}_runs.csv")]
     for part, frame, make, caption in (("ranking", analysis.ranking, ranking_table, RANKING_CAPTION),
                                        ("variants", analysis.variants, comparison_table, VARIANTS_CAPTION),
-                                       ("isoflop", analysis.iso, comparison_table, ISO_FLOP_CAPTION)):
-        if not frame.empty:
+                                       ("isoflop", analysis.iso, comparison_table, ISO_FLOP_CAPTION),
+                                       ("ec", analysis.ec, ec_table, EC_CAPTION)):
+        if frame is not None and not frame.empty:
             paths += [write_table(make(frame), tables_dir / f"{experiment}_{part}.tex", caption=caption,
                                   label=f"tab:{experiment}_{part}"),
                       to_csv(frame, tables_dir / f"{experiment}_{part}.csv")]
