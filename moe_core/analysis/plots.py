@@ -214,17 +214,21 @@ def routing_stats_chart(curve: pd.DataFrame, stats: tuple[str, ...] = tuple(STAT
         "Routing statistics during training", subtitle=subtitle))
 
 
-def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.LayerChart:
+def iso_flop_chart(curve: pd.DataFrame, budget: float | None = None) -> alt.LayerChart | alt.FacetChart:
     """Validation loss vs training FLOPs (tokens x train FLOPs per token), so k=1 and k=2 compare
-    at equal compute; a vertical rule at the iso-FLOP budget of stats.loss_at_flops."""
+    at equal compute; a vertical rule at the iso-FLOP budget of stats.loss_at_flops. With several
+    token budgets, a panel per budget and no rule: their compared points are the ends of schedules."""
     df = _ranked(_with_variant(curve.dropna(subset=["val_loss_mean", "train_flops"])))
-    x = alt.X("train_flops:Q", title="training compute (FLOPs; G = 1e9, T = 1e12, P = 1e15)",
-              scale=alt.Scale(type="log", nice=False, padding=6), axis=alt.Axis(format="~s", tickCount=5))
-    lines = alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=12)).encode(
+    x = alt.X("train_flops:Q", title="training FLOPs (T = 1e12, P = 1e15)",
+              scale=alt.Scale(type="log", nice=False, padding=6), axis=alt.Axis(format="~s", tickCount=4))
+    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=12)).encode(
         x=x, y=alt.Y("val_loss_mean:Q", title="validation loss (nats/token)", scale=alt.Scale(zero=False)),
         color=_label_color(df), strokeDash=_dash("variant", _variant_domain(df), "capacity"),
         detail="cell:N", tooltip=["name", "budget", "train_flops", "val_loss_mean"])
-    layers, subtitle = [lines], "mean over seeds"
+    if df["budget"].nunique() > 1:
+        return _by_budget([lines], df, "Iso-FLOP comparison", "mean over seeds; compared at the ends of schedules",
+                          independent=("x", "y"))
+    layers, subtitle = [lines.properties(data=df)], "mean over seeds"
     if budget is not None and budget == budget:
         layers.append(alt.Chart(pd.DataFrame({"budget": [budget]})).mark_rule(strokeDash=[2, 2], color="#777777")
                       .encode(x="budget:Q"))

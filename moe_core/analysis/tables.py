@@ -199,7 +199,7 @@ def experiment_a_numbers(runs: pd.DataFrame, analysis: Analysis) -> dict:
         numbers["TargetLoss"] = analysis.target
     prefixes = _budget_prefixes(table)
     return numbers | _per_budget(table, prefixes, _config_numbers) | ranking_numbers(analysis.ranking, prefixes) \
-        | iso_flop_numbers(analysis.iso)
+        | iso_flop_numbers(analysis.iso) | ec_numbers(analysis.ec)
 
 
 def _comparison_cells(check: pd.DataFrame) -> dict:
@@ -276,6 +276,17 @@ def iso_flop_numbers(iso: pd.DataFrame) -> dict:
     return {"IsoFlopPairs": len(iso), "IsoFlopResolved": int((iso["verdict"] != "unresolved").sum()),
             "IsoFlopBudget": float(group["iso_flops"].iloc[0]), "IsoFlopBestConfig": best,
             "IsoFlopBestLoss": means[best]}
+
+
+def ec_numbers(ec: pd.DataFrame | None) -> dict:
+    """The expert-choice decomposition's macros: parts tested, parts resolved after Holm, and per
+    part the largest mean difference over configs and budgets (nats)."""
+    if ec is None or ec.empty:
+        return {}
+    largest = ec.assign(size=ec["difference"].abs()).groupby("effect")["size"].max()
+    return {"EcParts": len(ec), "EcResolved": int(ec["significant"].sum()),
+            "EcFutureMax": float(largest.get("reading future tokens", math.nan)),
+            "EcRuleMax": float(largest.get("change of routing rule", math.nan))}
 
 
 def write_experiment_a(runs: pd.DataFrame, evals: pd.DataFrame | None, experiment: str, tables_dir: str | Path,
