@@ -17,7 +17,7 @@ inputs them all, through moe_core.analysis.latex.write_numbers):
   ``Latest*`` macros with its commit. From the compiled-layer directory (default: the newest layer
   run with compiled rows): the layer cells under torch.compile as ``Compiled*`` macros.
 - ``numbers_setup.tex``: the experiments' setup as the params files state it (params/smoke.yaml,
-  params/experiment_a.yaml expanded by moe_core.sweep; params/experiment_b.yaml), with the training
+  params/experiment_a_v2.yaml expanded by moe_core.sweep; params/experiment_b.yaml), with the training
   defaults every run inherits from TrainConfig.
 
 Macro names come from moe_core.analysis.latex.macro_name: ``train b128 padded reduce-overhead mtok s`` becomes
@@ -62,10 +62,10 @@ def listing(values) -> TeX:
 
 
 def setup_numbers(params_dir: Path) -> dict:
-    """Per sweep (smoke, experiment A): the model/optimiser fields shared by its runs, the token budget,
-    run/seed counts and the capacity factors; Experiment B's bench grid."""
+    """Per sweep (smoke, experiment A): the model/optimiser fields shared by its runs, the token budget
+    (where there is one), run/seed counts and the capacity factors; Experiment B's bench grid."""
     numbers = {}
-    for key, name in (("smoke", "smoke.yaml"), ("exp a", "experiment_a.yaml")):
+    for key, name in (("smoke", "smoke.yaml"), ("exp a", "experiment_a_v2.yaml")):
         experiment, runs = sweep.expand(yaml.safe_load((params_dir / name).read_text()), source=name)
         configs = [TrainConfig.from_dict(run.params) for run in runs]
         first = configs[0]
@@ -79,11 +79,13 @@ def setup_numbers(params_dir: Path) -> dict:
             f"setup {key} tokenizer": first.tokenizer,
             f"setup {key} runs": len(runs),
             f"setup {key} seeds": len({c.seed for c in configs}),
-            f"setup {key} tokens per run": first.steps * first.batch_size * first.seq_len,
             f"setup {key} cfs": listing(sorted({c.capacity_factor for c in configs if c.ffn == "moe"},
                                                key=lambda v: float("inf") if v is None else v)),
         }
         numbers |= {f"setup {key} dense hidden": c.top_k * c.hidden for c in configs if c.ffn == "dense"}
+        tokens = {c.steps * c.batch_size * c.seq_len for c in configs}
+        if len(tokens) == 1:  # one budget; several budgets are the results tables' rows
+            numbers[f"setup {key} tokens per run"] = tokens.pop()
     bench = yaml.safe_load((params_dir / "experiment_b.yaml").read_text())
     cap, layer = bench["capacity"], bench["layer"]
     numbers |= {f"setup cap {k}": plain(cap[k]) for k in ("tokens", "dim", "hidden", "repeats", "warmup", "sets")}

@@ -186,9 +186,10 @@ def experiment_a_numbers(runs: pd.DataFrame, analysis: Analysis) -> dict:
         numbers |= {"MaxSeeds": int(table["n_runs"].max()), "TrainTokens": int(ok["tokens"].max()),
                     "TrainSteps": int(ok["steps_done"].max()),
                     "BudgetSteps": ", ".join(str(int(s)) for s in sorted(ok["steps"].unique()))}
-        corpus = ok[["train_corpus_n_tokens", "train_corpus_n_stories", "validation_corpus_n_tokens",
+        usual = ok[~ok["own_validation"].fillna(False).astype(bool)] if "own_validation" in ok else ok  # no probe
+        corpus = usual[["train_corpus_n_tokens", "train_corpus_n_stories", "validation_corpus_n_tokens",
                      "validation_corpus_n_stories"]].dropna().drop_duplicates()
-        if len(corpus) == 1:  # one corpus for every run: its size, and the epochs each run's budget makes
+        if len(corpus) == 1:  # one corpus for every compared run: its size, and the epochs each budget makes
             sizes = {k: int(v) for k, v in corpus.iloc[0].items()}
             numbers |= {"CorpusTrainTokens": sizes["train_corpus_n_tokens"],
                         "CorpusTrainStories": sizes["train_corpus_n_stories"],
