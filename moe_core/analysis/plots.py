@@ -296,29 +296,37 @@ def capacity_throughput_chart(bench: pd.DataFrame) -> alt.FacetChart:
         "Capacity factor vs. throughput", subtitle="median per bench run; bars: 95% CI over bench runs"), ci=True)
 
 
-def cf_vs_ppl_chart(table: pd.DataFrame) -> alt.VConcatChart:
-    """Experiment A by capacity factor: best perplexity and training tokens/s per router (mean ±
-    95% CI over seeds); the dense baseline as a dashed horizontal line."""
-    moe = table[table["label"] != "dense"]
-    dense = table[table["label"] == "dense"]
+def cf_vs_ppl_chart(table: pd.DataFrame) -> alt.TopLevelMixin:
+    """Experiment A by capacity factor, main configs only: best perplexity per router (mean ± 95% CI
+    over seeds), the dense baseline as a dashed horizontal line, a panel per token budget where there
+    are several; with one budget, training tokens/s below it where the records have them."""
+    df = _ranked(table)
+    df = df[df["variant"] == ""] if "variant" in df else df
+    moe = df[df["label"] != "dense"]
     x = alt.X("cf_label:O", title="capacity factor", sort=_cf_domain(moe["cf_label"]), axis=alt.Axis(labelAngle=0))
     color = _label_color(moe)
 
-    def panel(mean: str, title: str, fmt: str | None = None) -> alt.LayerChart:
-        df = _band(moe, f"{mean}_mean", f"{mean}_ci95")
+    def layers(mean: str, title: str, fmt: str | None = None) -> list:
         y = alt.Y(f"{mean}_mean:Q", title=title, scale=alt.Scale(zero=False),
                   axis=alt.Axis(format=fmt) if fmt else alt.Axis())
-        layers = [alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=20)).encode(x=x, y=y, color=color,
-                                                                                      tooltip=["name", "n_runs"]),
-                  alt.Chart(df).mark_rule().encode(x=x, y="lo:Q", y2="hi:Q", color=color)]
-        if len(dense):
-            layers.append(alt.Chart(dense).mark_rule(strokeDash=[4, 3], color=LABEL_COLORS["dense"])
-                          .encode(y=f"{mean}_mean:Q"))
-        return alt.layer(*layers).properties(width=PLOT_WIDTH, height=SMALL_HEIGHT)
+        routed = alt.Chart().transform_filter("datum.label != 'dense'")
+        lo_hi = {"y": alt.Y("lo:Q", title=title), "y2": "hi:Q"}
+        return [routed.mark_line(point=alt.OverlayMarkDef(size=20)).encode(x=x, y=y, color=color,
+                                                                           tooltip=["name", "n_runs"]),
+                routed.mark_rule().encode(x=x, color=color, **lo_hi),
+                alt.Chart().transform_filter("datum.label == 'dense'").mark_rule(
+                    strokeDash=[4, 3], color=LABEL_COLORS["dense"]).encode(y=f"{mean}_mean:Q")]
 
-    return alt.vconcat(panel("best_val_ppl", "best val. perplexity (per token)"),
-                       panel("median_tokens_per_s", "training tokens/s", "~s")).properties(
-        title=alt.Title("Capacity factor in training (Exp. A)", subtitle="mean ± 95% CI over seeds; dashed: dense"))
+    title, subtitle = "Capacity factor in training (Exp. A)", "mean ± 95% CI over seeds; dashed: dense"
+    ppl = _band(df, "best_val_ppl_mean", "best_val_ppl_ci95")
+    chart = _by_budget(layers("best_val_ppl", "best val. perplexity (per token)"), ppl, title, subtitle)
+    speed = moe["median_tokens_per_s_mean"] if "median_tokens_per_s_mean" in moe else pd.Series(dtype=float)
+    if df["budget"].nunique() > 1 or not speed.notna().any():
+        return chart
+    tokens = alt.layer(*layers("median_tokens_per_s", "training tokens/s", "~s"),
+                       data=_band(df, "median_tokens_per_s_mean", "median_tokens_per_s_ci95"))
+    return alt.vconcat(chart.properties(title=alt.Title(title, subtitle=subtitle)),
+                       tokens.properties(width=PLOT_WIDTH, height=SMALL_HEIGHT))
 
 
 # -- output -----------------------------------------------------------------------------------------
