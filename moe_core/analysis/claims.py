@@ -31,6 +31,7 @@ EVIDENCE = {
     "variants": ("Table~\\TabVar", "variants table (`paper/tables/{exp}_variants.csv`)"),
     "curve": ("Fig.~\\ref{fig:curve}", "`figures/training_curve`"),
     "cfppl": ("Fig.~\\ref{fig:cfppl}", "`figures/cf_vs_ppl`"),
+    "routing": ("Fig.~\\ref{fig:stats}", "`figures/routing_stats`"),
     "capdrop": ("Table~\\ref{tab:capdrop}", "`figures/capacity_drop`, `paper/tables/experiment_b.csv`"),
     "capthr": ("Fig.~\\ref{fig:capthr}", "`figures/capacity_throughput`"),
     "layer": ("Table~\\ref{tab:layer}", "layer bench (`paper/numbers_bench.tex`, `Compiled*Ratio`)"),
@@ -108,6 +109,10 @@ CLAIMS = (
     Claim("ec-noncausal-lower", "Expert choice evaluated non-causally, reading future tokens, has a lower perplexity "
           "than evaluated causally: only the causal number is a language-model result.", "takeaway 11, results",
           ("results",), ("runs",), v.expert_choice_noncausal_lower),
+    Claim("routers-confident", "Learned routers do not stay near-uniform: past the shortest budget every learned "
+          "router (top-1, hard and soft top-k, expert choice) ends its schedule with a mean top-1 routing "
+          "probability above twice the uniform 1/E, so hash's parity with them is not that of near-uniform "
+          "routers.", "results", ("results", "routing"), A, v.at_budgets(v.routers_confident, PAST_SHORTEST)),
     # -- speed, capacity bench and profile -------------------------------------------------------------
     Claim("hypothesis-dispatch", "Dispatch is the largest part of the MoE layer's GPU time (the hypothesis tested; "
           "\"the cost of MoE is dominated by dispatch\").", "introduction", ("profile",), PROFILE,

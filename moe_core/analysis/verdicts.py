@@ -34,6 +34,9 @@ class Evidence(NamedTuple):
     profile: dict | None = None  # kernel profile: {"E=8, k=2": {"moe"|"dense": {part: GPU ms}}} (paper.profile_parts)
 
 
+LEARNED_ROUTERS = ("top1", "topk_hard", "softk", "expert_choice")  # routers with a learned gate (not hash)
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 def agree(verdicts: list[str]) -> str:
     """One verdict for several parts: theirs when they agree, else unresolved."""
@@ -304,3 +307,22 @@ def expert_choice_noncausal_lower(ev: Evidence) -> tuple[str, str]:
             f"{n}: causal - non-causal {_signed(d)} (p Holm {p:.2g})"
             for n, d, p in zip(part["name"], part["difference"], part["p_holm"]))
     return _per_budget(frame, decide)
+
+
+def routers_confident(ev: Evidence) -> tuple[str, str]:
+    """Every learned router's main configs end their schedules with a mean top-1 routing probability
+    whose 95% CI over seeds lies above twice the uniform 1/E (holds), or every one below (reversed)."""
+    def decide(part):
+        part = main_configs(part)
+        part = part[part["label"].isin(LEARNED_ROUTERS)].dropna(subset=["final_p1_mean_mean"])
+        if part.empty:
+            return "unresolved", "no router confidence in the records"
+        bar = 2.0 / part["num_experts"]
+        lo = part["final_p1_mean_mean"] - part["final_p1_mean_ci95"].fillna(0.0)
+        hi = part["final_p1_mean_mean"] + part["final_p1_mean_ci95"].fillna(0.0)
+        verdict = "holds" if (lo > bar).all() else "reversed" if (hi < bar).all() else "unresolved"
+        return verdict, f"mean top-1 probability (bar 2/E = {bar.iloc[0]:.3g}): " + ", ".join(
+            f"{n} {m:.3g} ± {c:.2g}" for n, m, c in zip(part["name"], part["final_p1_mean_mean"],
+                                                       part["final_p1_mean_ci95"]))
+    return _per_budget(ev.analysis.table, decide)
+
