@@ -1,7 +1,7 @@
 """Proof that the routers, capacity rules and dispatch backends compute the layer's stated math.
 
 Oracle: moe_core.reference, the per-token statement of the math (no code shared with routing.py or
-dispatch.py). Every backend (loop, GShard einsum, padded, grouped) must match it in float64 on CPU,
+dispatch.py). Every backend (loop, GShard einsum, padded, grouped, fused) must match it in float64 on CPU,
 outputs and gradients w.r.t. x, the expert weights and the router weight. Hand cases pin the
 capacity, drop and metric rules; the rest of the suite runs in float32.
 """
