@@ -330,11 +330,12 @@ def cf_vs_ppl_chart(table: pd.DataFrame) -> alt.TopLevelMixin:
 
 
 # -- output -----------------------------------------------------------------------------------------
-def render(chart: alt.TopLevelMixin, fmt: str) -> bytes | str:
-    """The chart with THEME as PNG (bytes), SVG (str) or PDF (bytes), rendered offline by vl-convert."""
+def render(chart: alt.TopLevelMixin, fmt: str, scale: float = PNG_SCALE) -> bytes | str:
+    """The chart with THEME as PNG (bytes, ``scale`` pixels per point), SVG (str) or PDF (bytes),
+    rendered offline by vl-convert."""
     spec = chart.to_json()
     if fmt == "png":
-        return vl_convert.vegalite_to_png(spec, scale=PNG_SCALE, config=THEME)
+        return vl_convert.vegalite_to_png(spec, scale=scale, config=THEME)
     if fmt == "svg":
         return vl_convert.vegalite_to_svg(spec, config=THEME)
     if fmt == "pdf":

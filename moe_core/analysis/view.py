@@ -25,16 +25,13 @@ MISSING = "–"
 NO_WRAP = [{"selector": "td", "props": "white-space: nowrap;"}]  # a row reads on one line
 
 
-def screen_width(png: str | Path) -> int:
-    """On-screen width of a PNG written by ``plots.save``: SCREEN_SCALE pixels per point of the figure."""
-    header = Path(png).read_bytes()[:24]  # PNG signature, IHDR length and type, then width, height
-    return round(struct.unpack(">I", header[16:20])[0] * SCREEN_SCALE / plots.PNG_SCALE)
-
-
 def figure(chart, name: str, figures_dir: str | Path) -> Image:
-    """Write figures_dir/name.{png,svg,pdf} (``plots.save``) and return the PNG to show at reading scale."""
-    png = plots.save(chart, name, figures_dir)["png"]
-    return Image(filename=png, width=screen_width(png))
+    """Write figures_dir/name.{png,svg,pdf} (``plots.save``) and return a PNG rendered at
+    SCREEN_SCALE to show: the print-resolution file would make an executed notebook several times
+    larger for no gain on screen."""
+    plots.save(chart, name, figures_dir)
+    png = plots.render(chart, "png", scale=SCREEN_SCALE)
+    return Image(data=png, width=struct.unpack(">I", png[16:20])[0])  # IHDR width: one pixel per pixel
 
 
 def _decimals(column: pd.Series) -> int:
