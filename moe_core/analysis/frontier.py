@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import cf_label, require
-from .load import SCHEDULE_FIELDS, config_keys
+from .load import SCHEDULE_FIELDS, config_keys, same_validation
 from .stats import (
     ALPHA,
     CELL,
@@ -77,8 +77,7 @@ def _first_reach(run: pd.DataFrame, metric: str, target: float, interpolate: boo
 
 def comparable(runs: pd.DataFrame) -> pd.DataFrame:
     """The ok runs whose validation losses compare: evaluated on the experiment's usual validation text."""
-    own = runs["own_validation"].fillna(False).astype(bool) if "own_validation" in runs else False
-    return runs[(runs["status"] == "ok") & ~own]
+    return same_validation(runs[runs["status"] == "ok"])
 
 
 def iso_flop_groups(runs: pd.DataFrame, tolerance: float = ISO_FLOP_TOLERANCE) -> pd.DataFrame:

@@ -252,6 +252,13 @@ def _name_configs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.assign(name=(base + " " + variant).str.strip(), variant=variant, own_validation=own)
 
 
+def same_validation(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows evaluated on the experiment's usual validation text (no split probe: ``own_validation``)."""
+    if "own_validation" not in frame:
+        return frame
+    return frame[~frame["own_validation"].fillna(False).astype(bool)]
+
+
 def _deviations(runs: pd.DataFrame, variant: pd.Series, fields: list[str], by: list) -> pd.Series:
     """``variant`` extended, in each group of ``by`` whose configs differ in ``fields``, by
     ``field=value`` for each such field where the config deviates from the usual value."""

@@ -23,7 +23,7 @@ import altair as alt
 import pandas as pd
 import vl_convert
 
-from .load import LABELS, cf_order_value
+from .load import LABELS, cf_order_value, same_validation
 from .stats import TRAINED_SOURCE
 
 # Okabe & Ito (2008), "Color universal design": distinguishable under the common colour-vision
@@ -125,8 +125,7 @@ def _ranked(frame: pd.DataFrame) -> pd.DataFrame:
     """The configs evaluated on the experiment's usual validation text (a split probe's losses are
     not on the same scale), with ``budget``, the token budget as a panel title, and ``cell``, one
     line per config and budget."""
-    if "own_validation" in frame:
-        frame = frame[~frame["own_validation"].fillna(False).astype(bool)]
+    frame = same_validation(frame)
     tokens = frame["budget_tokens"] if "budget_tokens" in frame else pd.Series(math.nan, index=frame.index)
     budget = pd.Series([f"{t / 1e6:.3g}M tokens" if t == t else "" for t in tokens], index=frame.index, dtype=object)
     return frame.assign(budget_tokens=tokens, budget=budget, cell=frame["name"] + " @ " + budget)

@@ -19,6 +19,7 @@ import pandas as pd
 from ..config import require
 from .frontier import Analysis, analyse
 from .latex import format_mean_ci, format_number, format_p, format_value, tex_escape, to_csv, write_numbers, write_table
+from .load import same_validation
 from .markdown import results_markdown
 from .stats import ALPHA, at_budget
 
@@ -186,8 +187,7 @@ def experiment_a_numbers(runs: pd.DataFrame, analysis: Analysis) -> dict:
         numbers |= {"MaxSeeds": int(table["n_runs"].max()), "TrainTokens": int(ok["tokens"].max()),
                     "TrainSteps": int(ok["steps_done"].max()),
                     "BudgetSteps": ", ".join(str(int(s)) for s in sorted(ok["steps"].unique()))}
-        usual = ok[~ok["own_validation"].fillna(False).astype(bool)] if "own_validation" in ok else ok  # no probe
-        corpus = usual[["train_corpus_n_tokens", "train_corpus_n_stories", "validation_corpus_n_tokens",
+        corpus = same_validation(ok)[["train_corpus_n_tokens", "train_corpus_n_stories", "validation_corpus_n_tokens",
                      "validation_corpus_n_stories"]].dropna().drop_duplicates()
         if len(corpus) == 1:  # one corpus for every compared run: its size, and the epochs each budget makes
             sizes = {k: int(v) for k, v in corpus.iloc[0].items()}

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 import pandas as pd
 
 from .frontier import Analysis
+from .load import same_validation
 from .stats import ALPHA, compare, holm, paired_difference
 
 VERDICTS = ("holds", "unresolved", "reversed")
@@ -132,18 +133,12 @@ def no_pair_differs(ev: Evidence) -> tuple[str, str]:
     return _per_budget(ev.analysis.ranking, decide)
 
 
-def _comparable(table: pd.DataFrame) -> pd.DataFrame:
-    """Configs evaluated on the dense baseline's validation split (the leak probe's differs)."""
-    dense = table[table["label"] == "dense"]
-    return table[table["split_method"].isin(dense["split_method"])] if "split_method" in table else table
-
-
 def dense_not_beaten(ev: Evidence) -> tuple[str, str]:
     """No MoE config has a lower best perplexity than the dense baseline: each against dense, paired
     over seeds, one Holm family per budget."""
     def decide(part):
         budget = part["budget_tokens"].iloc[0]
-        moe = [n for n in _comparable(part)["name"] if n != "dense"]
+        moe = [n for n in same_validation(part)["name"] if n != "dense"]
         if "dense" not in set(part["name"]) or not moe:
             return "unresolved", "no dense baseline and MoE configs"
         found = compare(ev.runs, [(("dense", budget), (n, budget)) for n in moe], "best_val_ppl")
@@ -159,7 +154,7 @@ def dense_not_beaten(ev: Evidence) -> tuple[str, str]:
 def dense_lowest_final(ev: Evidence) -> tuple[str, str]:
     """From the means: the dense baseline ends its schedule with the lowest validation loss of all configs."""
     def decide(part):
-        part = _comparable(part).set_index("name")["final_val_loss_mean"]
+        part = same_validation(part).set_index("name")["final_val_loss_mean"]
         if "dense" not in part:
             return "unresolved", "no dense baseline"
         moe = part.drop("dense")
