@@ -263,10 +263,12 @@ def config_key(run: Run) -> str:
 class Jobs:
     """The runs left, handed out so that a worker gets its last configuration again while one is left
     (a kept kernel then reuses that configuration's compiled code), else a configuration no other
-    worker is on, else the next run."""
+    worker is on, else the next run. The longest runs (most steps) come first: a sweep cut short by a
+    time limit then loses short runs, and the last runs to finish are short ones (a shorter tail)."""
 
     def __init__(self, runs: list[Run]):
-        self.pending = [(config_key(r), r) for r in runs]
+        by_steps = sorted(runs, key=lambda r: -TrainConfig.from_dict(r.params).steps)  # stable: params order
+        self.pending = [(config_key(r), r) for r in by_steps]
         self.active: list[str] = []  # the configuration each busy worker is on
         self.lock = threading.Lock()
 

@@ -121,6 +121,13 @@ def test_jobs_keep_a_worker_on_its_configuration():
     assert jobs.take(key_a) is None
 
 
+def test_jobs_hand_out_the_longest_runs_first():
+    runs = [sweep.Run(f"b{n}_s{s}", {"steps": n, "seed": s}) for n in (400, 4800, 1600) for s in (0, 1)]
+    jobs = sweep.Jobs(runs)
+    order = [jobs.take(None)[1].name for _ in runs]
+    assert order == ["b4800_s0", "b1600_s0", "b400_s0", "b4800_s1", "b1600_s1", "b400_s1"]
+
+
 def test_kept_kernel_gives_the_records_of_a_fresh_kernel_and_leaks_nothing(tmp_path, cache_dir, monkeypatch):
     """Two runs in one kept kernel; the second again in a kernel of its own. The second sets no lr,
     router or seed, so any parameter left over from the first would show in its records."""
