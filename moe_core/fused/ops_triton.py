@@ -112,7 +112,7 @@ def combine(rows_ND, plan: FusedPlan, weight_A=None):
     block = _block(D, 1024)
     kernels.combine_kernel[(plan.num_tokens, triton.cdiv(D, block))](
         rows_ND, plan.row_A, weight_A if weight_A is not None else rows_ND, plan.token_offs_T1, plan.token_assign_A,
-        out_TD, D, N, WEIGHTED=weight_A is not None, BD=block, **_types(rows_ND.dtype))
+        out_TD, D, N, WEIGHTED=weight_A is not None, BD=block, ACC=_types(rows_ND.dtype)["ACC"])
     return out_TD
 
 
