@@ -87,7 +87,7 @@ endif
 BENCH_DIR ?= runs/benchmarks/h100_20261126
 # Experiment A's solo timing pass (the train bench over its configurations, one run per GPU): the
 # frontier's tokens/s, since the sweep's runs shared their GPUs.
-SOLO_DIR ?= runs/benchmarks/h200x2_20261128_29d2fd0_solo_v2
+SOLO_DIR ?= runs/benchmarks/h200x4_20261128_5996a0f_solo_v2
 # Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
 CAPACITY_DIR ?= runs/benchmarks/h100_20261126_91bb604_x3
 # Expert-parallel bench records: one directory per GPU host and world size, comma-separated.
