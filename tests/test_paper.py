@@ -121,6 +121,19 @@ def test_tool_number_macros_are_regenerated_not_edited(tmp_path):
             f"paper/{name} differs from what moe_core.analysis.paper writes: rerun it, do not edit the file"
 
 
+def test_compiled_layer_numbers_stay_on_the_bench_gpu(tmp_path):
+    """A newer compiled layer run on another GPU does not replace the paper's (one GPU's) numbers."""
+    from moe_core.analysis.paper import newest_compiled
+
+    for name, device, run_id, mode in (("h100_old", "H100", "20261126T1", "default"), ("h200_new", "H200", "20261128T1", "default"),
+                                       ("h100_eager", "H100", "20261127T1", "none")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "layer.csv").write_text(f"device_name,compile_mode,run_id\n{device},{mode},{run_id}\n")
+    assert newest_compiled(tmp_path, "H100") == tmp_path / "h100_old"
+    assert newest_compiled(tmp_path, "H200") == tmp_path / "h200_new"
+    assert newest_compiled(tmp_path, "A100") is None
+
+
 # The page geometry of moestudy.sty (letterpaper, 0.7 in side margins, 0.25 in column gap), in PDF points.
 TEXT_WIDTH = (8.5 - 2 * 0.7) * 72
 COLUMN_WIDTH = (TEXT_WIDTH - 0.25 * 72) / 2

@@ -147,10 +147,13 @@ def compiled_layer_numbers(compiled_dir: Path, mode: str = "default") -> dict:
             **_layer_cells(layer[layer["compile_mode"] == mode], "compiled ")}
 
 
-def newest_compiled(bench_root: Path) -> Path | None:
-    """The bench directory with the newest layer run that has compiled rows."""
-    dirs = [d for d in bench_root.glob("*/") if (d / "layer.csv").exists()
-            and "compile_mode" in (layer := pd.read_csv(d / "layer.csv")) and (layer["compile_mode"] != "none").any()]
+def newest_compiled(bench_root: Path, device: str) -> Path | None:
+    """The bench directory with the newest layer run that has compiled rows on ``device``: the paper's
+    speed tables name one GPU, so a newer run on another GPU does not replace its numbers."""
+    def compiled_on_device(layer: pd.DataFrame) -> bool:
+        return {"compile_mode", "device_name"} <= set(layer) and (
+            (layer["compile_mode"] != "none") & (layer["device_name"] == device)).any()
+    dirs = [d for d in bench_root.glob("*/") if (d / "layer.csv").exists() and compiled_on_device(pd.read_csv(d / "layer.csv"))]
     return max(dirs, key=lambda d: _run_id(d, "layer"), default=None)
 
 
@@ -285,8 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="full grid: train, layer and capacity (default: the newest with all three)")
     parser.add_argument("--capacity-dir", type=Path, default=newest(root, "capacity"),
                         help="the capacity bench (default: the newest with capacity records)")
-    parser.add_argument("--compiled-layer-dir", type=Path, default=newest_compiled(root),
-                        help="layer bench with compiled rows (default: the newest)")
+    parser.add_argument("--compiled-layer-dir", type=Path,
+                        help="layer bench with compiled rows (default: the newest on the GPU of --bench-dir)")
     parser.add_argument("--latest-dir", type=Path, default=newest(root, "train", "layer"),
                         help="newest train and layer records (default: the newest with both)")
     parser.add_argument("--profile", type=Path, default=newest_profile(root),
@@ -298,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tables-dir", type=Path, default=None,
                         help="where the claims table goes (default: <out-dir>/tables)")
     args = parser.parse_args(argv)
+    if args.compiled_layer_dir is None and args.bench_dir is not None:
+        device = str(pd.read_csv(args.bench_dir / "train.csv")["device_name"].iloc[0])
+        args.compiled_layer_dir = newest_compiled(root, device)
     if None in (args.bench_dir, args.latest_dir, args.capacity_dir, args.compiled_layer_dir, args.profile):
         parser.error("bench records not found under runs/benchmarks/: give --bench-dir, --capacity-dir, "
                      "--compiled-layer-dir, --latest-dir and --profile")
