@@ -267,16 +267,24 @@ def ranking_numbers(check: pd.DataFrame, prefixes: dict | None = None) -> dict:
 
 
 def iso_flop_numbers(iso: pd.DataFrame) -> dict:
-    """The compute-matched macros: pair counts, and in the largest-compute iso-FLOP group that has
-    pairs, its FLOPs and the config with the lowest mean final loss there."""
+    """The compute-matched macros: pair counts, in the largest-compute iso-FLOP group that has pairs
+    its FLOPs and the config with the lowest mean final loss there, and in the smallest and the
+    largest group the pairs with the dense baseline: how many, and in how many each side is lower."""
     if iso.empty:
         return {}
     group = iso[iso["iso_flops"] == iso["iso_flops"].max()]
     means = dict(zip(group["a"], group["a_mean"])) | dict(zip(group["b"], group["b_mean"]))
     best = min(means, key=means.get)
-    return {"IsoFlopPairs": len(iso), "IsoFlopResolved": int((iso["verdict"] != "unresolved").sum()),
-            "IsoFlopBudget": float(group["iso_flops"].iloc[0]), "IsoFlopBestConfig": best,
-            "IsoFlopBestLoss": means[best]}
+    numbers = {"IsoFlopPairs": len(iso), "IsoFlopResolved": int((iso["verdict"] != "unresolved").sum()),
+               "IsoFlopBudget": float(group["iso_flops"].iloc[0]), "IsoFlopBestConfig": best,
+               "IsoFlopBestLoss": means[best]}
+    for name, flops in (("Smallest", iso["iso_flops"].min()), ("Largest", iso["iso_flops"].max())):
+        dense = iso[(iso["iso_flops"] == flops) & ((iso["a"] == "dense") | (iso["b"] == "dense"))]
+        lower = dense["lower"].dropna()
+        lower = lower[lower != ""]  # resolved pairs only
+        numbers |= {f"IsoFlop{name}DensePairs": len(dense), f"IsoFlop{name}DenseLower": int((lower == "dense").sum()),
+                    f"IsoFlop{name}MoeLower": int((lower != "dense").sum())}
+    return numbers
 
 
 def ec_numbers(ec: pd.DataFrame | None) -> dict:
