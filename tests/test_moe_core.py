@@ -33,7 +33,7 @@ def outputs_and_grads(layer, x, forward):
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     y = forward(x)
-    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
     return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
 
 
