@@ -280,3 +280,22 @@ def test_train_bench_runs_the_trainer_and_records_its_tokens_per_s(tmp_path):
     assert [(c.router, c.top_k) for c in routers.train_configs("x")] == [("top1", 1), ("hash", 2)]
     with pytest.raises(ValueError, match="TrainBenchConfig.*router"):
         bench.TrainBenchConfig(model={"router": "nope"})
+
+
+def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path):
+    from moe_core.bench import spread
+
+    cells = [("random", 8, 1, "1"), ("random", 8, 2, "1"), ("skewed:1", 8, 2, "1.25"), ("random", 64, 2, "1")]
+    times = {"r1": [1.0, 2.0, 4.0, 8.0], "r2": [1.0, 2.2, 4.0, 12.0]}
+    rows = pd.DataFrame([{"source": s, "num_experts": e, "top_k": k, "cf_label": cf, "status": "ok", "run_id": run,
+                          "dispatch_ms": ms, "layer_ms": 2 * ms}
+                         for run, per in times.items() for (s, e, k, cf), ms in zip(cells, per)])
+    cv = spread.spread(rows, "capacity").set_index(["column", "num_experts", "top_k", "source"])["cv"]
+    assert cv[("layer_ms", 8, 1, "random")] == 0
+    assert cv[("dispatch_ms", 8, 2, "random")] == pytest.approx(pd.Series([2.0, 2.2]).std() / 2.1)
+    assert cv[("dispatch_ms", 64, 2, "random")] == pytest.approx(pd.Series([8.0, 12.0]).std() / 10)
+    table = spread.summary(spread.spread(rows, "capacity")).set_index(["column", "cells"])
+    assert table.loc[("dispatch_ms", "all"), "cv_le_3pct"] == 2 and table.loc[("dispatch_ms", "q4"), "mean_min"] == 10
+    rows[rows["run_id"] == "r1"].to_csv(tmp_path / "capacity.csv", index=False)
+    with pytest.raises(SystemExit, match="2"):
+        spread.main([str(tmp_path)])
