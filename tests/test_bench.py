@@ -299,3 +299,17 @@ def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path):
     rows[rows["run_id"] == "r1"].to_csv(tmp_path / "capacity.csv", index=False)
     with pytest.raises(SystemExit, match="2"):
         spread.main([str(tmp_path)])
+
+
+def test_host_enqueue_time_is_the_hosts_time_per_call_from_an_idle_device(monkeypatch):
+    import time
+
+    from moe_core.bench import timing
+
+    synced = []
+    monkeypatch.setattr(timing, "sync", lambda device: synced.append(device))  # stands in for cuda.synchronize
+    calls = []
+    ms = timing.host_enqueue_ms(lambda x: calls.append(x) or time.sleep(0.004), [1, 2], torch.device("cuda"))
+    assert 4 <= ms < 50 and calls == [1, 2, 1, 2, 1][:timing.HOST_PROBES]
+    assert len(synced) == timing.HOST_PROBES + 1  # idle before every call, and at the end
+    assert timing.host_enqueue_ms(lambda x: None, [1], torch.device("cpu")) is None

@@ -22,7 +22,7 @@ from ..routing import Routing, capacity_for
 from .configs import CapacityBenchConfig
 from .report import record
 from .sources import LogitsRouter, route_logits, routed_metrics, router_logits_from_checkpoint, synthetic_logits
-from .timing import copy_bandwidth, fwd_bwd, grad_inputs, guarded, time_median_ms
+from .timing import copy_bandwidth, fwd_bwd, grad_inputs, guarded, host_enqueue_ms, time_median_ms
 
 
 # -- traffic model ----------------------------------------------------------------------------------
@@ -91,12 +91,13 @@ def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.T
             layer.router.logits_TE = inp[2]
             step(inp)
         layer_ms = time_median_ms(layer_step, inputs, dev, **cfg.timing)
+        layer_host_ms = host_enqueue_ms(layer_step, inputs, dev)
         bytes_moved = sum(traffic) / len(traffic)
         return {"dispatch_ms": dispatch_ms, "dispatch_bytes": bytes_moved,
                 "dispatch_gbps": bytes_moved / dispatch_ms / 1e6,
                 "dispatch_bw_frac": bytes_moved / (dispatch_ms / 1e3) / copy_bps,
                 "dispatch_tokens_per_s": cfg.tokens / (dispatch_ms / 1e3),
-                "layer_ms": layer_ms, "layer_tokens_per_s": cfg.tokens / (layer_ms / 1e3)}
+                "layer_ms": layer_ms, "layer_host_ms": layer_host_ms, "layer_tokens_per_s": cfg.tokens / (layer_ms / 1e3)}
 
     return {**row, **guarded(measure)}
 

@@ -21,6 +21,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+HOST_PROBES = 5  # calls timed on the host after the timed ones, each from an idle device
+
+
+def host_enqueue_ms(fn: Callable, inputs: Sequence, device: torch.device) -> float | None:
+    """Median host milliseconds to issue one call of ``fn`` with the device idle (synchronised before, not
+    after): what the host needs to launch the call's kernels. Near the call's event time the call is
+    launch-bound and its event time follows the host's pace. None off CUDA, where the two are one."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for i in range(HOST_PROBES):
+        sync(device)
+        t0 = time.perf_counter()
+        fn(inputs[i % len(inputs)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    sync(device)
+    return median(times)
+
+
 def time_median_ms(fn: Callable, inputs: Sequence, device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median milliseconds of fn(inputs[i % len(inputs)]) over ``repeats`` calls after ``warmup`` calls."""
     for i in range(warmup):
