@@ -47,7 +47,7 @@ def test_phases_sum_to_the_wall_time_from_the_sweeps_start(tmp_path, cache_dir, 
     assert summary["wall_time_s"] == pytest.approx(outside, rel=0.05)  # the clock agrees with one outside
     assert parts["start"] >= 0.5 and summary["time_start_source"].startswith(ms.RUN_T0_ENV)
     assert all(parts[p] > 0 for p in ("data", "build", "train", "eval", "checkpoint", "records"))
-    assert parts["compile"] == 0  # eager
+    assert parts["compile"] == 0 and summary["compile_cache"] == {"hits": 0, "misses": 0}  # eager
     assert summary["concurrency"] == 1
     assert ms.RUN_T0_ENV not in os.environ  # consumed: a later run cannot reuse it
     later = train(TrainConfig(**{**TINY, "run": "later"}, out_dir=str(tmp_path), cache_dir=cache_dir)).summary
@@ -108,6 +108,22 @@ def test_peak_is_measured_once_per_gpu_model_and_then_read_from_the_cache(tmp_pa
     assert len(measured) == 2 and len(list((tmp_path / flops.PEAK_CACHE).iterdir())) == 2
     flops._cuda_peak.cache_clear()
     assert flops.peak_flops(torch.device("cpu"), tmp_path)[0] is None
+
+
+def test_compile_cache_counts_tell_a_cold_cache_from_a_warm_one(tmp_path, monkeypatch):
+    """The counts a run records: a graph compiled into an empty cache is a miss, the same graph
+    compiled again (dynamo reset, as in a new process) from that cache a hit."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    before = ms.compile_cache_counts()
+
+    def fn(x):
+        return x * 3 + 1
+
+    for _ in range(2):
+        torch._dynamo.reset()
+        torch.compile(fn)(torch.ones(4))
+    after = ms.compile_cache_counts()
+    assert {k: after[k] - before[k] for k in after} == {"hits": 1, "misses": 1}
 
 
 # -- kept kernels ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ TABLES = {
               "moe_over_dense", "moe_mfu", "dense_mfu", "status"],
     "train": ["router", "capacity_factor", "batch_size", "backend", "compile_mode", "tokens_per_s", "tokens_per_s_cv",
               "ms_per_step", "mfu", "status"],
-    "sweep": ["gpus", "runs_per_gpu", "kernel", "runs", "ok_runs", "cache_warm", "wall_s", "runs_per_hour",
+    "sweep": ["gpus", "runs_per_gpu", "kernel", "runs", "ok_runs", "cache_warm", "cache_misses", "wall_s", "runs_per_hour",
               "train_share", "start_share", "compile_share", "eval_share", "outside_runs_share", "tokens_per_s_aggregate"],
 }
 

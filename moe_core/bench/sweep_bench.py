@@ -7,7 +7,8 @@ cells it finished.
 
 Runs and executed notebooks go to a temporary directory; the cache dir is the one the runs name
 (tokens, the matmul peak, Inductor's kernels), so only the first cell of a new machine finds it cold
-(``cache_warm`` says whether Inductor's cache existed when the cell began)."""
+(``cache_warm`` says whether Inductor's cache existed when the cell began; ``cache_hits`` and
+``cache_misses``, summed over the runs, whether it held this cell's graphs)."""
 from __future__ import annotations
 
 import statistics
@@ -26,15 +27,18 @@ from .report import record
 
 
 def _throughput(runs: list, runs_dir: Path, wall_s: float) -> dict:
-    """Training tokens per second of sweep wall time (all runs), and the runs' median of their own tokens/s."""
-    tokens, own = 0, []
+    """Training tokens per second of sweep wall time (all runs), the runs' median of their own tokens/s,
+    and their Inductor cache hits and misses (misses: graphs compiled from scratch in this cell)."""
+    tokens, own, cache = 0, [], {"hits": 0, "misses": 0}
     for run in runs:
         summary = rr.read_json(runs_dir / run.params["experiment"] / run.name / rr.SUMMARY_FILE) or {}
         cfg = TrainConfig.from_dict(run.params)
         tokens += (summary.get("steps_done") or 0) * cfg.batch_size * cfg.seq_len
         own += [summary["median_tokens_per_s"]] if summary.get("median_tokens_per_s") else []
+        cache = {k: n + (summary.get("compile_cache") or {}).get(k, 0) for k, n in cache.items()}
     return {"tokens_per_s_aggregate": tokens / max(wall_s, 1e-9),
-            "run_tokens_per_s_median": statistics.median(own) if own else None}
+            "run_tokens_per_s_median": statistics.median(own) if own else None,
+            "cache_hits": cache["hits"], "cache_misses": cache["misses"]}
 
 
 def run_sweep_bench(cfg: SweepBenchConfig, out_dir: str | Path | None = None) -> pd.DataFrame:

@@ -29,7 +29,16 @@ from ..model import TinyMoEModel
 from .config import TrainConfig
 from .distributed import Dist, cpu_threads, peak_memory_bytes, rng_state, seed_everything, set_rng_state, setup_dist
 from .existing import RunResult, existing_run, finished_result, readable, require_same_config
-from .measure import CONCURRENCY_ENV, Interval, PhaseClock, StepTimer, device_eval_batches, evaluate, start_seconds
+from .measure import (
+    CONCURRENCY_ENV,
+    Interval,
+    PhaseClock,
+    StepTimer,
+    compile_cache_counts,
+    device_eval_batches,
+    evaluate,
+    start_seconds,
+)
 
 FINAL_STATUSES = rr.FINAL_STATUSES  # a run whose valid record says this is not trained again
 # Inductor warnings a user cannot act on (each names a file of the torch install): TF32 stays off on
@@ -139,6 +148,7 @@ class _Trainer:
         self.step = 0  # optimizer steps done
         self.n_params = self.flops_per_token = None  # known once the model is built
         self.peak, self.peak_source = None, "not measured (the run stopped before its model was built)"
+        self.cache_at_start = compile_cache_counts()  # a kept process carries earlier runs' counts
 
     # records -------------------------------------------------------------------------------------
     def _write_config(self) -> None:
@@ -169,6 +179,7 @@ class _Trainer:
             "device": rr.environment(self.ctx.device)["device"],
             # runs sharing this GPU (the sweep's --runs-per-gpu): above 1, tokens/s do not compare
             "concurrency": int(os.environ.get(CONCURRENCY_ENV, "1")),
+            "compile_cache": {k: n - self.cache_at_start[k] for k, n in compile_cache_counts().items()},
             **self._times(),
         }
 

@@ -265,6 +265,14 @@ class PhaseClock:
         return sum(self.seconds().values())
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """This process's Inductor FX-graph cache hits and misses so far (a miss: a graph compiled from
+    scratch). A run records the difference over its session: whether a "warm" cache held its graphs."""
+    from torch._dynamo.utils import counters
+
+    return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
 def sweep_breakdown(times: list[dict], wall_s: float, workers: int) -> dict:
     """Where a sweep's worker time (wall x workers) went: each phase summed over the runs' ``time_s``,
     and ``outside runs`` (notebook cells after train(), idle workers, the sweep's own work)."""
