@@ -335,8 +335,7 @@ def run_sweep(runs: list[Run], notebook: Path, runs_dir: Path, executed_dir: Pat
     wall_s = time.perf_counter() - start
     bar.close()
     summaries = [rr.read_json(runs_dir / r.params["experiment"] / r.name / rr.SUMMARY_FILE) or {} for r in todo]
-    times = [s["time_s"] for s in summaries if s.get("time_s")]
-    return results, sweep_breakdown(times, wall_s, len(kernels))
+    return results, sweep_breakdown(summaries, wall_s, len(kernels))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,11 +81,14 @@ def test_phase_clock_charges_each_second_to_one_phase(monkeypatch):
 
 
 def test_sweep_breakdown_shares_of_worker_time():
-    times = [{"start": 1.0, "train": 4.0}, {"start": 1.0, "train": 2.0, "eval": 1.0}]
-    b = ms.sweep_breakdown(times, wall_s=5.0, workers=2)
+    summaries = [{"time_s": {"start": 1.0, "train": 4.0}, "compile_cache": {"hits": 2, "misses": 1}},
+                 {"time_s": {"start": 1.0, "train": 2.0, "eval": 1.0}, "compile_cache": {"hits": 3, "misses": 0}},
+                 {}]  # a run that left no summary counts in neither
+    b = ms.sweep_breakdown(summaries, wall_s=5.0, workers=2)
     assert b["seconds"]["outside runs"] == pytest.approx(1.0) and b["train_share"] == pytest.approx(0.6)
     assert sum(b["shares"].values()) == pytest.approx(1.0) and b["runs_per_hour"] == pytest.approx(2 / 5 * 3600)
-    assert "runs/hour" in ms.format_breakdown(b)
+    assert b["compile_cache"] == {"hits": 5, "misses": 1}
+    assert "runs/hour" in ms.format_breakdown(b) and "5 hit(s), 1 miss(es)" in ms.format_breakdown(b)
 
 
 # -- the matmul peak, once per GPU model and torch version -------------------------------------------

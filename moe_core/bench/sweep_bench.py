@@ -27,18 +27,15 @@ from .report import record
 
 
 def _throughput(runs: list, runs_dir: Path, wall_s: float) -> dict:
-    """Training tokens per second of sweep wall time (all runs), the runs' median of their own tokens/s,
-    and their Inductor cache hits and misses (misses: graphs compiled from scratch in this cell)."""
-    tokens, own, cache = 0, [], {"hits": 0, "misses": 0}
+    """Training tokens per second of sweep wall time (all runs), and the runs' median of their own tokens/s."""
+    tokens, own = 0, []
     for run in runs:
         summary = rr.read_json(runs_dir / run.params["experiment"] / run.name / rr.SUMMARY_FILE) or {}
         cfg = TrainConfig.from_dict(run.params)
         tokens += (summary.get("steps_done") or 0) * cfg.batch_size * cfg.seq_len
         own += [summary["median_tokens_per_s"]] if summary.get("median_tokens_per_s") else []
-        cache = {k: n + (summary.get("compile_cache") or {}).get(k, 0) for k, n in cache.items()}
     return {"tokens_per_s_aggregate": tokens / max(wall_s, 1e-9),
-            "run_tokens_per_s_median": statistics.median(own) if own else None,
-            "cache_hits": cache["hits"], "cache_misses": cache["misses"]}
+            "run_tokens_per_s_median": statistics.median(own) if own else None}
 
 
 def run_sweep_bench(cfg: SweepBenchConfig, out_dir: str | Path | None = None) -> pd.DataFrame:
@@ -63,6 +60,8 @@ def run_sweep_bench(cfg: SweepBenchConfig, out_dir: str | Path | None = None) ->
                        "runs": len(runs), "ok_runs": sum(r["status"] == "ok" for r in results),
                        "cache_warm": cache_warm, "wall_s": breakdown["wall_s"], "workers": breakdown["workers"],
                        "runs_per_hour": breakdown["runs_per_hour"], "train_share": breakdown["train_share"],
+                       "cache_hits": breakdown["compile_cache"]["hits"],
+                       "cache_misses": breakdown["compile_cache"]["misses"],
                        **{f"{name.replace(' ', '_')}_share": v for name, v in breakdown["shares"].items()}, **speed}
                 frames.append(record(cfg, [row], out_dir, {"breakdown": breakdown, "results": results,
                                                             "runs": [r.name for r in runs]}))

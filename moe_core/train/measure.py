@@ -273,15 +273,18 @@ def compile_cache_counts() -> dict[str, int]:
     return {"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"]}
 
 
-def sweep_breakdown(times: list[dict], wall_s: float, workers: int) -> dict:
+def sweep_breakdown(summaries: list[dict], wall_s: float, workers: int) -> dict:
     """Where a sweep's worker time (wall x workers) went: each phase summed over the runs' ``time_s``,
-    and ``outside runs`` (notebook cells after train(), idle workers, the sweep's own work)."""
+    and ``outside runs`` (notebook cells after train(), idle workers, the sweep's own work); and the
+    runs' Inductor cache hits and misses summed (``compile_cache``)."""
+    times = [s["time_s"] for s in summaries if s.get("time_s")]
     capacity = max(wall_s * workers, 1e-9)
     seconds = {p: sum(t.get(p, 0.0) for t in times) for p in PHASES}
     seconds["outside runs"] = max(0.0, capacity - sum(seconds.values()))
+    cache = {k: sum((s.get("compile_cache") or {}).get(k, 0) for s in summaries) for k in ("hits", "misses")}
     return {"wall_s": wall_s, "workers": workers, "runs": len(times),
             "runs_per_hour": len(times) / max(wall_s, 1e-9) * 3600, "train_share": seconds["train"] / capacity,
-            "seconds": seconds, "shares": {p: s / capacity for p, s in seconds.items()}}
+            "seconds": seconds, "shares": {p: s / capacity for p, s in seconds.items()}, "compile_cache": cache}
 
 
 def format_breakdown(breakdown: dict) -> str:
@@ -289,4 +292,6 @@ def format_breakdown(breakdown: dict) -> str:
     lines = [f"{breakdown['runs']} run(s) in {breakdown['wall_s']:.1f} s on {breakdown['workers']} worker(s): "
              f"{breakdown['runs_per_hour']:.1f} runs/hour; share of worker time (wall x workers):"]
     lines += [f"  {name:<13} {s:9.1f} s  {breakdown['shares'][name]:6.1%}" for name, s in breakdown["seconds"].items()]
+    cache = breakdown["compile_cache"]
+    lines += [f"Inductor cache: {cache['hits']} hit(s), {cache['misses']} miss(es) (graphs compiled from scratch)"]
     return "\n".join(lines)
