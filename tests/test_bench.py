@@ -283,7 +283,7 @@ def test_train_bench_runs_the_trainer_and_records_its_tokens_per_s(tmp_path):
 
 
 def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path):
-    from moe_core.bench import spread
+    from moe_core.analysis import spread
 
     cells = [("random", 8, 1, "1"), ("random", 8, 2, "1"), ("skewed:1", 8, 2, "1.25"), ("random", 64, 2, "1")]
     times = {"r1": [1.0, 2.0, 4.0, 8.0], "r2": [1.0, 2.2, 4.0, 12.0]}

@@ -40,6 +40,7 @@ from . import claims
 from .frontier import analyse
 from .latex import TeX, format_number, write_numbers
 from .load import has_runs, load_bench, load_experiment
+from .spread import spread
 from .stats import bench_table
 from .verdicts import Evidence
 
@@ -189,6 +190,10 @@ def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict
                 "cap cells": len(capacity.drop_duplicates(cell)), "cap runs": capacity["run_id"].nunique(),
                 "cap sources": ", ".join(capacity["source"].unique()), "cap dir": capacity_dir.name,
                 "cap date": _date(_run_id(capacity_dir, "capacity"))}
+    if capacity["run_id"].nunique() > 1:  # how far a cell moves between the bench runs the figure averages
+        cv = spread(capacity, "capacity").groupby("column")["cv"]
+        numbers |= {"cap dispatch cv pct": 100 * cv.median()["dispatch_ms"],
+                    "cap layer cv pct": 100 * cv.median()["layer_ms"], "cap layer cv max pct": 100 * cv.max()["layer_ms"]}
     if cap_record.get("config", {}).get("checkpoint"):  # the training run whose router gave the logits
         numbers["cap checkpoint run"] = Path(cap_record["config"]["checkpoint"]).parent.name
     latest_train = pd.read_csv(latest_dir / "train.csv")

@@ -3,7 +3,7 @@ runs) of every timed column, per cell, from a directory that holds several runs 
 intervals are only as narrow as this spread, so it is reported beside them; the split by the cell's
 time says whether the spread sits in the short calls (launch-bound, host jitter) or everywhere.
 
-    python -m moe_core.bench.spread DIR [--section capacity|layer] [--top N]
+    python -m moe_core.analysis.spread DIR [--section capacity|layer] [--top N]
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def summary(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_core.bench.spread", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m moe_core.analysis.spread", description=__doc__.split("\n")[0])
     parser.add_argument("dir", type=Path, help="a bench output directory with several runs of one bench")
     parser.add_argument("--section", choices=sorted(CELLS), default="capacity")
     parser.add_argument("--top", type=int, default=10, help="also list the N cells that spread most")
