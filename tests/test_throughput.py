@@ -147,6 +147,24 @@ def test_jobs_hand_out_the_longest_runs_first():
     assert order == ["b4800_s0", "b1600_s0", "b400_s0", "b4800_s1", "b1600_s1", "b400_s1"]
 
 
+def test_kept_kernel_reset_freezes_what_survives_and_still_collects_a_runs_cycles(tmp_path):
+    """A run's garbage in reference cycles is collected at the next reset, although what survived the
+    reset before it was frozen out of the collector's scans."""
+    kernel = workers.WorkerKernel({}, str(ROOT))
+    try:
+        kernel.ready(time.time())
+        kernel.ready(time.time())  # a reset: the survivors so far are frozen
+        run = ("import gc, sys, weakref\nclass Node: pass\na, b = Node(), Node()\na.other, b.other = b, a\n"
+               "sys.modules['gc'].probe = weakref.ref(a)\nfrozen = gc.get_freeze_count()\n"
+               f"open({str(tmp_path / 'frozen')!r}, 'w').write(str(frozen))\n")
+        kernel._execute(run)
+        kernel.ready(time.time())  # the run's names go; its cycle is garbage
+        kernel._execute(f"import gc\nopen({str(tmp_path / 'alive')!r}, 'w').write(str(gc.probe() is not None))\n")
+    finally:
+        kernel.shutdown()
+    assert int((tmp_path / "frozen").read_text()) > 1000 and (tmp_path / "alive").read_text() == "False"
+
+
 def test_kept_kernel_gives_the_records_of_a_fresh_kernel_and_leaks_nothing(tmp_path, cache_dir, monkeypatch):
     """Two runs in one kept kernel; the second again in a kernel of its own. The second sets no lr,
     router or seed, so any parameter left over from the first would show in its records."""
