@@ -125,7 +125,8 @@ def test_compiled_layer_numbers_stay_on_the_bench_gpu(tmp_path):
     """A newer compiled layer run on another GPU does not replace the paper's (one GPU's) numbers."""
     from moe_core.analysis.paper import newest_compiled
 
-    for name, device, run_id, mode in (("h100_old", "H100", "20261126T1", "default"), ("h200_new", "H200", "20261128T1", "default"),
+    for name, device, run_id, mode in (("h100_old", "H100", "20261126T1", "default"),
+                                       ("h200_new", "H200", "20261128T1", "default"),
                                        ("h100_eager", "H100", "20261127T1", "none")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "layer.csv").write_text(f"device_name,compile_mode,run_id\n{device},{mode},{run_id}\n")

@@ -154,7 +154,8 @@ def newest_compiled(bench_root: Path, device: str) -> Path | None:
     def compiled_on_device(layer: pd.DataFrame) -> bool:
         return {"compile_mode", "device_name"} <= set(layer) and (
             (layer["compile_mode"] != "none") & (layer["device_name"] == device)).any()
-    dirs = [d for d in bench_root.glob("*/") if (d / "layer.csv").exists() and compiled_on_device(pd.read_csv(d / "layer.csv"))]
+    dirs = [d for d in bench_root.glob("*/")
+            if (d / "layer.csv").exists() and compiled_on_device(pd.read_csv(d / "layer.csv"))]
     return max(dirs, key=lambda d: _run_id(d, "layer"), default=None)
 
 
@@ -193,7 +194,8 @@ def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict
     if capacity["run_id"].nunique() > 1:  # how far a cell moves between the bench runs the figure averages
         cv = spread(capacity, "capacity").groupby("column")["cv"]
         numbers |= {"cap dispatch cv pct": 100 * cv.median()["dispatch_ms"],
-                    "cap layer cv pct": 100 * cv.median()["layer_ms"], "cap layer cv max pct": 100 * cv.max()["layer_ms"]}
+                    "cap layer cv pct": 100 * cv.median()["layer_ms"],
+                    "cap layer cv max pct": 100 * cv.max()["layer_ms"]}
     if cap_record.get("config", {}).get("checkpoint"):  # the training run whose router gave the logits
         numbers["cap checkpoint run"] = Path(cap_record["config"]["checkpoint"]).parent.name
     latest_train = pd.read_csv(latest_dir / "train.csv")

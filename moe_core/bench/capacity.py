@@ -97,7 +97,8 @@ def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.T
                 "dispatch_gbps": bytes_moved / dispatch_ms / 1e6,
                 "dispatch_bw_frac": bytes_moved / (dispatch_ms / 1e3) / copy_bps,
                 "dispatch_tokens_per_s": cfg.tokens / (dispatch_ms / 1e3),
-                "layer_ms": layer_ms, "layer_host_ms": layer_host_ms, "layer_tokens_per_s": cfg.tokens / (layer_ms / 1e3)}
+                "layer_ms": layer_ms, "layer_host_ms": layer_host_ms,
+                "layer_tokens_per_s": cfg.tokens / (layer_ms / 1e3)}
 
     return {**row, **guarded(measure)}
 

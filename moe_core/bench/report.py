@@ -24,14 +24,15 @@ JOIN_COLUMNS = ["run", "status", "router", "num_experts", "top_k", "capacity_fac
 _BENCH_JOIN = ["drop_rate", "token_drop_rate", "dispatch_tokens_per_s", "layer_tokens_per_s"]
 TABLES = {
     "capacity": ["source", "num_experts", "top_k", "cf_label", "capacity", "drop_rate", "token_drop_rate",
-                 "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac", "layer_ms", "layer_host_ms", "layer_tokens_per_s",
-                 "status"],
+                 "load_cv", "max_vio", "dispatch_ms", "dispatch_bw_frac", "layer_ms", "layer_host_ms",
+                 "layer_tokens_per_s", "status"],
     "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "backend", "compile_mode", "moe_ms", "dense_ms",
               "moe_over_dense", "moe_mfu", "dense_mfu", "status"],
     "train": ["router", "capacity_factor", "batch_size", "backend", "compile_mode", "tokens_per_s", "tokens_per_s_cv",
               "ms_per_step", "mfu", "status"],
-    "sweep": ["gpus", "runs_per_gpu", "kernel", "runs", "ok_runs", "cache_warm", "cache_misses", "wall_s", "runs_per_hour",
-              "train_share", "start_share", "compile_share", "eval_share", "outside_runs_share", "tokens_per_s_aggregate"],
+    "sweep": ["gpus", "runs_per_gpu", "kernel", "runs", "ok_runs", "cache_warm", "cache_misses", "wall_s",
+              "runs_per_hour", "train_share", "start_share", "compile_share", "eval_share", "outside_runs_share",
+              "tokens_per_s_aggregate"],
 }
 
 
