@@ -221,3 +221,41 @@ def test_bench_configs_name_the_bad_field(config, kwargs, message):
     with pytest.raises(ValueError) as err:
         getattr(bench, config)(device="cpu", **kwargs)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# -- the tile bench (CUDA to time; its plumbing is checked here) --------------------------------------------
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fixed_tiles_launches_one_configuration_and_restores_the_autotuned_lists():
+    import triton
+
+    from moe_core.fused import ops_triton
+    saved = {name: getattr(ops_triton, name) for name in ops_triton._LAUNCHERS}
+    gemm = triton.Config({"BN": 64, "BK": 32}, num_warps=4, num_stages=2)
+    tn = triton.Config({"BI": 64, "BJ": 64, "BR": 32}, num_warps=4, num_stages=2)
+    with pytest.raises(RuntimeError, match="inside"), ops_triton.fixed_tiles(gemm, tn):
+        for name in ops_triton._LAUNCHERS:
+            assert getattr(ops_triton, name).configs == [tn if name == "_TN" else gemm]
+        raise RuntimeError("inside")
+    assert {name: getattr(ops_triton, name) for name in ops_triton._LAUNCHERS} == saved
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_tile_bench_gemms_have_the_fused_shapes_and_count_kept_rows(activation):
+    from moe_core.bench import fused_tiles
+    layer, x, _ = fused_layer("topk_hard", 1.0, activation, T=64, D=32, F=24, E=4, k=2)
+    with torch.no_grad():
+        calls = fused_tiles.gemms(ops_torch, layer, x, block_rows=16)
+        kept = int(layer.router(x, None, x.shape[0])[0].keep_A.sum())
+    assert 0 < kept < 64 * 2  # CF 1 drops some
+    products = 2 if activation == "swiglu" else 1
+    want = {"up": products, "down": 1, "act_grad": 1, "dx": products, "dw1": 1, "dw2": 1}
+    assert {name: flops / (2 * kept * 32 * 24) for name, (_, flops) in calls.items()} == want
+    assert calls["dw1"][0]().shape == (4, 32, 24) and calls["dw2"][0]().shape == (4, 24, 32)
+    assert calls["down"][0]().shape == calls["dx"][0]().shape == (64 * 2, 32)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the message a machine without CUDA gets")
+def test_tile_bench_without_cuda_says_so_in_one_line(capsys):
+    from moe_core.bench import fused_tiles
+    assert fused_tiles.main([]) == 2
+    assert capsys.readouterr().err.strip() == "fused_tiles: needs CUDA (the fused kernels compile for a GPU only)"

@@ -7,6 +7,8 @@ Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -27,10 +29,23 @@ def _tuned(kernel, configs, key):
     return kernel if INTERPRETED else triton.autotune(configs, key=key)(kernel)
 
 
-_UP = _tuned(kernels.up_kernel, _GEMM_CONFIGS, ["D", "F"])
-_ROWS = _tuned(kernels.rows_kernel, _GEMM_CONFIGS, ["K", "N"])
-_ACT_GRAD = _tuned(kernels.act_grad_kernel, _GEMM_CONFIGS, ["D", "F"])
-_TN = _tuned(kernels.tn_kernel, _TN_CONFIGS, ["I", "J"])
+_LAUNCHERS = {"_UP": (kernels.up_kernel, ["D", "F"]), "_ROWS": (kernels.rows_kernel, ["K", "N"]),
+              "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F"]), "_TN": (kernels.tn_kernel, ["I", "J"])}
+_UP, _ROWS, _ACT_GRAD, _TN = (_tuned(kernel, _TN_CONFIGS if name == "_TN" else _GEMM_CONFIGS, key)
+                              for name, (kernel, key) in _LAUNCHERS.items())
+
+
+@contextlib.contextmanager
+def fixed_tiles(gemm: triton.Config, tn: triton.Config):
+    """Inside the block every GEMM launches with ``gemm``'s tiles and the weight gradients with ``tn``'s,
+    no autotuning: how the tile bench (``moe_core.bench.fused_tiles``) times one configuration."""
+    saved = {name: globals()[name] for name in _LAUNCHERS}
+    for name, (kernel, key) in _LAUNCHERS.items():
+        globals()[name] = triton.autotune([tn if name == "_TN" else gemm], key=key)(kernel)
+    try:
+        yield
+    finally:
+        globals().update(saved)
 
 
 def _types(dtype: torch.dtype) -> dict:

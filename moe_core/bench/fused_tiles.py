@@ -1,0 +1,148 @@
+"""Which tiles make the fused backend's GEMMs fast on this GPU: each of the six GEMMs of one fused
+forward + backward timed alone under every candidate configuration (row tile BM, column tile BN,
+reduction tile BK, warps, pipeline stages; BI x BJ output tiles and BR rows for the weight
+gradients), at the fused layer bench's shapes. The autotune lists of ``moe_core.fused.ops_triton``
+are chosen from its output. CUDA only.
+
+    python -m moe_core.bench.fused_tiles [--out DIR] [--filter SUBSTRING]
+
+Prints, per (shape, GEMM, configuration), milliseconds and TFLOP/s (2 x kept rows x K x N per
+product over the median time), then each GEMM's best; appends every row to DIR/fused_tiles.jsonl as it
+is measured, so a run cut short keeps what it timed. A configuration that does not compile (too much
+shared memory) gets a row with its error.
+
+Legend: T tokens, D model dim, F expert hidden, E experts, N rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import MoEConfig
+from ..moe import MoEFeedForward
+from .timing import time_median_ms
+
+SHAPES = {  # the fused layer bench's shapes (tools/fused_gpu.sh): T 32k, D 1024, bf16
+    "gelu E8 k2 F4096 cf1.25": dict(num_experts=8, top_k=2, hidden=4096, capacity_factor=1.25),
+    "gelu E64 k8 F1024 cf1.25": dict(num_experts=64, top_k=8, hidden=1024, capacity_factor=1.25),
+    "swiglu E8 k2 F2048 dropless": dict(num_experts=8, top_k=2, hidden=2048, activation="swiglu",
+                                        capacity_factor=None),
+    "swiglu E64 k8 F512 dropless": dict(num_experts=64, top_k=8, hidden=512, activation="swiglu",
+                                        capacity_factor=None),
+}
+TOKENS, DIM = 32768, 1024
+ROW_TILES = (64, 128)
+GEMM_TILES = [(256, 64, 8, 3), (256, 64, 8, 4), (256, 32, 8, 4), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+              (128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 5)]
+TN_TILES = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 128, 8, 2), (128, 64, 64, 4, 3),
+            (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
+TIMING = dict(warmup=5, repeats=20)
+
+
+def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> dict:
+    """The six GEMMs as (call, FLOPs): inputs of the right shapes (values do not change the time)."""
+    from ..fused import make_plan
+    routing = layer.router(x_TD, None, x_TD.shape[0])[0]
+    plan = make_plan(routing, block_rows)
+    ex = layer.experts
+    w1, w2, w3 = ex.w1_EDF, ex.w2_EFD, ex.w3_EDF
+    swiglu = w3 is not None
+    N, (_, D, Fh) = plan.assign_N.numel(), w1.shape
+    kept = int(plan.ends_E[-1])
+    rand = lambda *shape: torch.randn(*shape, device=x_TD.device, dtype=x_TD.dtype)  # noqa: E731
+    h, a, dy = rand(N, Fh), rand(N, Fh), rand(*x_TD.shape)
+    g = rand(N, Fh) if swiglu else None
+    weight_N = torch.rand(N, device=x_TD.device, dtype=torch.float32)
+    w3t = w3.transpose(1, 2) if swiglu else None
+    products, flops = 2 if swiglu else 1, 2.0 * kept * D * Fh
+    return {
+        "up": (lambda: ops.up(x_TD, plan, w1, w3), products * flops),
+        "down": (lambda: ops.rows(a, w2, plan), flops),
+        "act_grad": (lambda: ops.act_grad(dy, plan, weight_N, w2.transpose(1, 2), h, g), flops),
+        "dx": (lambda: ops.rows(h, w1.transpose(1, 2), plan, g, w3t), products * flops),
+        "dw1": (lambda: ops.tn(x_TD, plan.token_N, h, None, None, plan), flops),
+        "dw2": (lambda: ops.tn(a, None, dy, plan.token_N, weight_N, plan), flops),
+    }
+
+
+def measure(name: str, shape: dict, out: Path | None) -> list[dict]:
+    import triton
+
+    from ..fused import ops_triton
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=DIM, router="softk", backend="fused", **{"activation": "gelu", **shape})
+    with dev:
+        layer = MoEFeedForward(cfg).to(torch.bfloat16)
+    x_TD = torch.randn(TOKENS, DIM, device=dev, dtype=torch.bfloat16)
+    rows = []
+    default_tn = triton.Config({"BI": 128, "BJ": 128, "BR": 64}, num_warps=8, num_stages=3)
+    default_gemm = triton.Config({"BN": 128, "BK": 64}, num_warps=8, num_stages=3)
+    cases = [(bm, "gemm", tiles) for bm in ROW_TILES for tiles in GEMM_TILES]
+    cases += [(ROW_TILES[-1], "tn", tiles) for tiles in TN_TILES]  # the row tile does not matter to them
+    with torch.no_grad():
+        calls_by_rows = {bm: gemms(ops_triton, layer, x_TD, bm) for bm in ROW_TILES}
+    for block_rows, kind, tiles in cases:
+        calls = calls_by_rows[block_rows]
+        if kind == "gemm":
+            bn, bk, warps, stages = tiles
+            gemm, tn, names = triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages), default_tn, \
+                ("up", "down", "act_grad", "dx")
+            label = f"BM{block_rows} BN{bn} BK{bk} w{warps} s{stages}"
+        else:
+            bi, bj, br, warps, stages = tiles
+            gemm, tn, names = default_gemm, triton.Config({"BI": bi, "BJ": bj, "BR": br}, num_warps=warps,
+                                                          num_stages=stages), ("dw1", "dw2")
+            label = f"BI{bi} BJ{bj} BR{br} w{warps} s{stages}"
+        with ops_triton.fixed_tiles(gemm, tn):
+            for gemm_name in names:
+                call, flops = calls[gemm_name]
+                row = {"shape": name, "gemm": gemm_name, "tiles": label, "block_rows": block_rows}
+                try:
+                    ms = time_median_ms(lambda _: call(), [None], dev, **TIMING)
+                    row.update(ms=ms, tflops=flops / ms / 1e9)
+                    print(f"{name:30s} {gemm_name:9s} {label:28s} {ms:7.3f} ms {row['tflops']:6.0f} TFLOP/s",
+                          flush=True)
+                except Exception as err:  # a configuration the GPU cannot hold: recorded, the sweep goes on
+                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                    print(f"{name:30s} {gemm_name:9s} {label:28s} {row['error']}", flush=True)
+                rows.append(row)
+                if out is not None:
+                    with open(out / "fused_tiles.jsonl", "a") as f:
+                        f.write(json.dumps({**row, "gpu": torch.cuda.get_device_name(dev)}) + "\n")
+    return rows
+
+
+def best(rows: list[dict]) -> None:
+    timed = [r for r in rows if "ms" in r]
+    for key in sorted({(r["shape"], r["gemm"]) for r in timed}):
+        top = min((r for r in timed if (r["shape"], r["gemm"]) == key), key=lambda r: r["ms"])
+        print(f"best {key[0]:30s} {key[1]:9s} {top['tiles']:28s} {top['ms']:7.3f} ms {top['tflops']:6.0f} TFLOP/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_core.bench.fused_tiles", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="folder for fused_tiles.jsonl")
+    parser.add_argument("--filter", default="", help="only the shapes whose name contains this")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("fused_tiles: needs CUDA (the fused kernels compile for a GPU only)", file=sys.stderr)
+        return 2
+    shapes = {k: v for k, v in SHAPES.items() if args.filter in k}
+    if not shapes:
+        print(f"fused_tiles: --filter {args.filter!r} matches none of {list(SHAPES)}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    rows = [row for name, shape in shapes.items() for row in measure(name, shape, args.out)]
+    best(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
