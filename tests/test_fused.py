@@ -216,6 +216,7 @@ def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, caps
     ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1,
                                       "activation": "relu"}]}, "LayerBenchConfig.activation: unknown 'relu'"),
     ("CapacityBenchConfig", {"backend": "fused"}, "CapacityBenchConfig.backend: fused has no dispatch apart"),
+    ("CapacityBenchConfig", {"host_ahead": "yes"}, "CapacityBenchConfig.host_ahead: must be true or false, got 'yes'"),
 ])
 def test_bench_configs_name_the_bad_field(config, kwargs, message):
     with pytest.raises(ValueError) as err:

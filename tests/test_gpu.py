@@ -44,3 +44,21 @@ def test_grouped_forward_is_bitwise_deterministic_on_cuda():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = layer(x)[0], layer(x)[0]
     assert torch.equal(a, b)
+
+
+def test_host_ahead_times_a_launch_bound_call_on_the_device_clock():
+    """400 tiny kernels: the host issues them slower than the GPU runs them, so the plain timer reports
+    the host's pace and host_ahead the device's own, shorter time; a GPU-bound call times the same."""
+    from moe_core.bench.timing import time_median_ms
+    dev, x = torch.device("cuda"), torch.ones(16, device="cuda")
+
+    def tiny(_):
+        for _ in range(400):
+            x.add_(0)
+    plain = time_median_ms(tiny, [None], dev, warmup=2, repeats=20)
+    ahead = time_median_ms(tiny, [None], dev, warmup=2, repeats=20, host_ahead=True)
+    assert 0 < ahead < 0.8 * plain, (ahead, plain)
+    a, b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16), torch.randn(8192, 8192, device=dev,
+                                                                                 dtype=torch.bfloat16)
+    big = [time_median_ms(lambda _: a @ b, [None], dev, warmup=2, repeats=20, host_ahead=h) for h in (False, True)]
+    assert abs(big[1] / big[0] - 1) < 0.05, big

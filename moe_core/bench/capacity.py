@@ -90,7 +90,7 @@ def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.T
         def layer_step(inp):
             layer.router.logits_TE = inp[2]
             step(inp)
-        layer_ms = time_median_ms(layer_step, inputs, dev, **cfg.timing)
+        layer_ms = time_median_ms(layer_step, inputs, dev, **cfg.timing, host_ahead=cfg.host_ahead)
         layer_host_ms = host_enqueue_ms(layer_step, inputs, dev)
         bytes_moved = sum(traffic) / len(traffic)
         return {"dispatch_ms": dispatch_ms, "dispatch_bytes": bytes_moved,

@@ -103,6 +103,7 @@ class CapacityBenchConfig(BenchConfig):
     checkpoint: str | None = None  # path for a bare "checkpoint" source
     router: str = "softk"
     backend: str = "padded"
+    host_ahead: bool = False  # time the layer on the device's own clock (timing.time_median_ms)
 
     SECTION = "capacity"
 
@@ -115,6 +116,7 @@ class CapacityBenchConfig(BenchConfig):
             self._require(isinstance(getattr(self, name), list) and getattr(self, name), name, "must be a non-empty list")
         self._require(self.router in LOGIT_ROUTERS, "router", f"must be one of {', '.join(LOGIT_ROUTERS)}")
         self._require(self.backend in BACKEND_FNS, "backend", f"unknown {self.backend!r}; valid: {', '.join(BACKEND_FNS)}")
+        self._require(isinstance(self.host_ahead, bool), "host_ahead", f"must be true or false, got {self.host_ahead!r}")
         self._require(self.backend != "fused", "backend", "fused has no dispatch apart from its expert GEMMs (the "
                       "gather runs inside the first); time it with the layer bench")
         try:

@@ -40,15 +40,25 @@ def host_enqueue_ms(fn: Callable, inputs: Sequence, device: torch.device) -> flo
     return median(times)
 
 
-def time_median_ms(fn: Callable, inputs: Sequence, device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn(inputs[i % len(inputs)]) over ``repeats`` calls after ``warmup`` calls."""
+def time_median_ms(fn: Callable, inputs: Sequence, device: torch.device, *, warmup: int, repeats: int,
+                   host_ahead: bool = False) -> float:
+    """Median milliseconds of fn(inputs[i % len(inputs)]) over ``repeats`` calls after ``warmup`` calls.
+
+    ``host_ahead`` (CUDA): before each timed call the GPU spins for longer than the host needs to issue
+    the call, so all of its kernels are queued before its start event runs and the event time is the
+    device's own, launch-bound or not (``host_enqueue_ms`` says what issuing it costs the host).
+    Without it, a call whose kernels finish faster than the host issues them is timed at the host's
+    pace, which moves with the host's load and clocks."""
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
     sync(device)
     times = []
     if device.type == "cuda":
+        spin = _spin_cycles(fn, inputs, device) if host_ahead else 0
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
         for i, (start, end) in enumerate(events):
+            if spin:
+                torch.cuda._sleep(spin)
             start.record()
             fn(inputs[i % len(inputs)])
             end.record()
@@ -61,6 +71,21 @@ def time_median_ms(fn: Callable, inputs: Sequence, device: torch.device, *, warm
             sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return median(times)
+
+
+SPIN_PROBE_CYCLES = 10_000_000
+
+
+def _spin_cycles(fn: Callable, inputs: Sequence, device: torch.device) -> int:
+    """GPU spin cycles that outlast twice the host's time to issue one call (at least 0.1 ms): the
+    cycles per millisecond are measured with a probe spin, the issue time with ``host_enqueue_ms``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(SPIN_PROBE_CYCLES)
+    end.record()
+    sync(device)
+    cycles_per_ms = SPIN_PROBE_CYCLES / start.elapsed_time(end)
+    return int(cycles_per_ms * max(2 * host_enqueue_ms(fn, inputs, device), 0.1))
 
 
 def copy_bandwidth(device: torch.device, dtype: torch.dtype, *, warmup: int, repeats: int, sets: int) -> float:

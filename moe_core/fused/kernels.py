@@ -7,9 +7,12 @@ kept assignments first, sorted by expert; rows past the kept ones are never read
 tile rows, output columns and the reduction; ``ACC`` the accumulator dtype (float32, float64 for
 float64 inputs); ``PREC`` tl.dot's input precision for float32 (``ieee`` unless torch allows TF32).
 
-Row tiles come from the plan (``moe_core.fused.plan``): program m of a grouped GEMM computes rows
-[tile_row[m], tile_row[m] + BM) of expert tile_expert[m], clipped to that expert's rows; a tile whose
-expert is E is empty (the grid is an upper bound, so no host synchronisation sizes it).
+Row tiles come from the plan (``moe_core.fused.plan``): program p of a grouped GEMM computes column
+tile p % n of rows [tile_row[m], tile_row[m] + BM) of expert tile_expert[m], m = p // n (n column
+tiles), clipped to that expert's rows; a tile whose expert is E is empty (the grid is an upper bound,
+so no host synchronisation sizes it). Column tiles vary fastest, so the programs running at once share
+their row tile (its gathered rows read from memory once, then from L2) and the expert's weights,
+instead of each column tile streaming the whole gathered input again.
 
 On a machine without CUDA, importing ``moe_core.fused`` turns Triton's interpreter on
 (TRITON_INTERPRET=1 unless set) before triton is first imported: the kernels then run on CPU tensors
@@ -35,16 +38,15 @@ def _gelu_grad(h):
 
 
 @triton.jit
-def _row_tile(tile_row_ptr, ends_ptr, e, BM: tl.constexpr):
-    """The rows of this program's tile, and which of them are expert e's (the tile's tail may not be)."""
-    rows = tl.load(tile_row_ptr + tl.program_id(0)) + tl.arange(0, BM)
-    return rows, rows < tl.load(ends_ptr + e)
-
-
-@triton.jit
-def _column_tile(n, BN: tl.constexpr):
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    return cols, cols < n
+def _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's expert e (E: an empty tile), its rows and which of them are e's (a tile's tail may
+    not be), its output columns and which of them exist. One grid axis, column tiles fastest."""
+    column_tiles = tl.cdiv(N, BN)
+    m = tl.program_id(0) // column_tiles
+    e = tl.load(tile_expert_ptr + m)
+    rows = tl.load(tile_row_ptr + m) + tl.arange(0, BM)
+    cols = (tl.program_id(0) % column_tiles) * BN + tl.arange(0, BN)
+    return e, rows, rows < tl.load(ends_ptr + tl.minimum(e, E - 1)), cols, cols < N
 
 
 @triton.jit
@@ -53,12 +55,10 @@ def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert
               SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); a = gelu(h), or silu(g) * h. Stores h, g, a."""
-    e = tl.load(tile_expert_ptr + tl.program_id(0))
+    e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
     if e >= E:
         return
-    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
     token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-    cols, col_ok = _column_tile(F, BN)
     acc_h = tl.zeros((BM, BN), dtype=ACC)
     acc_g = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, D, BK):
@@ -87,11 +87,9 @@ def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_r
                 TWO: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[n] = a1[n] @ B1[e] (+ a2[n] @ B2[e]) for the rows n of expert e; B1, B2 share strides."""
-    e = tl.load(tile_expert_ptr + tl.program_id(0))
+    e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM, BN)
     if e >= E:
         return
-    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
-    cols, col_ok = _column_tile(N, BN)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
@@ -116,12 +114,10 @@ def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """da = weight[n] * dy[token[n]] @ W2[e]^T (the gather fused into the loads, the gate weight into
     the epilogue), then the activation's backward from the stored h (and g): dh (and dg)."""
-    e = tl.load(tile_expert_ptr + tl.program_id(0))
+    e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
     if e >= E:
         return
-    rows, row_ok = _row_tile(tile_row_ptr, ends_ptr, e, BM)
     token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-    cols, col_ok = _column_tile(F, BN)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
@@ -148,12 +144,13 @@ def tn_kernel(left_ptr, left_idx_ptr, right_ptr, right_idx_ptr, scale_ptr, out_p
               GATHER_LEFT: tl.constexpr, GATHER_RIGHT: tl.constexpr, SCALE: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BR: tl.constexpr):
     """out[e] = sum over the rows n of expert e of left[l(n)]^T (scale[n] * right[r(n)]), l and r the
-    optional row gathers: the weight gradients. One program per (expert, output tile) reduces its
-    rows in order (no split-K, no atomics)."""
-    e = tl.program_id(0).to(tl.int64)
+    optional row gathers: the weight gradients. One program per (output tile, expert) reduces its
+    rows in order (no split-K, no atomics); output tiles vary fastest, so the programs running at once
+    read the same expert's rows, from L2 after the first."""
+    e = tl.program_id(1).to(tl.int64)
     tiles_j = tl.cdiv(J, BJ)
-    i_s = (tl.program_id(1) // tiles_j) * BI + tl.arange(0, BI)
-    j_s = (tl.program_id(1) % tiles_j) * BJ + tl.arange(0, BJ)
+    i_s = (tl.program_id(0) // tiles_j) * BI + tl.arange(0, BI)
+    j_s = (tl.program_id(0) % tiles_j) * BJ + tl.arange(0, BJ)
     i_ok, j_ok = i_s < I, j_s < J
     start = tl.where(e > 0, tl.load(ends_ptr + tl.maximum(e - 1, 0)), 0)
     end = tl.load(ends_ptr + e)

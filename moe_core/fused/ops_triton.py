@@ -19,18 +19,24 @@ from .plan import FusedPlan
 
 BLOCK_ROWS = 16 if INTERPRETED else 128  # BM
 _SMALL = {"BN": 32, "BK": 32}  # the interpreter's tiles (tl.dot wants >= 16)
+# The fastest tiles of each GEMM at the layer bench's shapes on an H200 (python -m moe_core.bench.fused_tiles,
+# runs/benchmarks/fused_20261128_h200_ae4f4a2): 256-column tiles for the plain GEMMs, 128 where an epilogue
+# holds two tiles (SwiGLU); 128 x 128 output tiles over 64 rows for the weight gradients.
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                 for bn, bk, w, s in [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 5)]]
+                 for bn, bk, w, s in [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 4), (128, 64, 8, 4),
+                                      (128, 64, 8, 3)]]
 _TN_CONFIGS = [triton.Config({"BI": bi, "BJ": bj, "BR": br}, num_warps=w, num_stages=s)
-               for bi, bj, br, w, s in [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)]]
+               for bi, bj, br, w, s in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3)]]
 
 
 def _tuned(kernel, configs, key):
     return kernel if INTERPRETED else triton.autotune(configs, key=key)(kernel)
 
 
-_LAUNCHERS = {"_UP": (kernels.up_kernel, ["D", "F"]), "_ROWS": (kernels.rows_kernel, ["K", "N"]),
-              "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F"]), "_TN": (kernels.tn_kernel, ["I", "J"])}
+_LAUNCHERS = {  # the autotune keys: sizes, and the variant (an epilogue of two tiles wants narrower ones)
+    "_UP": (kernels.up_kernel, ["D", "F", "SWIGLU"]), "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO"]),
+    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "SWIGLU"]),
+    "_TN": (kernels.tn_kernel, ["I", "J", "GATHER_LEFT", "GATHER_RIGHT", "SCALE"])}
 _UP, _ROWS, _ACT_GRAD, _TN = (_tuned(kernel, _TN_CONFIGS if name == "_TN" else _GEMM_CONFIGS, key)
                               for name, (kernel, key) in _LAUNCHERS.items())
 
@@ -58,12 +64,12 @@ def _types(dtype: torch.dtype) -> dict:
 
 
 def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
-    """Launch a row-tiled grouped GEMM: one program per (row tile, column tile)."""
+    """Launch a row-tiled grouped GEMM: one program per (row tile, column tile), columns fastest."""
     tiles = plan.tile_expert_M.numel()
     if INTERPRETED:
-        kernel[(tiles, triton.cdiv(columns, _SMALL["BN"]))](*args, **meta, BM=plan.block_rows, **_SMALL)
+        kernel[(tiles * triton.cdiv(columns, _SMALL["BN"]),)](*args, **meta, BM=plan.block_rows, **_SMALL)
     else:
-        kernel[lambda m: (tiles, triton.cdiv(columns, m["BN"]))](*args, **meta, BM=plan.block_rows)
+        kernel[lambda m: (tiles * triton.cdiv(columns, m["BN"]),)](*args, **meta, BM=plan.block_rows)
 
 
 def _tile_args(plan: FusedPlan) -> tuple:
@@ -111,9 +117,9 @@ def tn(left, left_idx_N, right, right_idx_N, scale_N, plan: FusedPlan):
     meta = dict(GATHER_LEFT=left_idx_N is not None, GATHER_RIGHT=right_idx_N is not None, SCALE=scale_N is not None,
                 **_types(left.dtype))
     if INTERPRETED:
-        _TN[(E, triton.cdiv(I, 32) * triton.cdiv(J, 32))](*args, **meta, BI=32, BJ=32, BR=16)
+        _TN[(triton.cdiv(I, 32) * triton.cdiv(J, 32), E)](*args, **meta, BI=32, BJ=32, BR=16)
     else:
-        _TN[lambda m: (E, triton.cdiv(I, m["BI"]) * triton.cdiv(J, m["BJ"]))](*args, **meta)
+        _TN[lambda m: (triton.cdiv(I, m["BI"]) * triton.cdiv(J, m["BJ"]), E)](*args, **meta)
     return out_EIJ
 
 
