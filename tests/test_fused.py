@@ -260,3 +260,20 @@ def test_tile_bench_without_cuda_says_so_in_one_line(capsys):
     from moe_core.bench import fused_tiles
     assert fused_tiles.main([]) == 2
     assert capsys.readouterr().err.strip() == "fused_tiles: needs CUDA (the fused kernels compile for a GPU only)"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_autotune_prunes_wide_tiles_for_small_problems_and_four_byte_operands():
+    import triton
+
+    from moe_core.fused import ops_triton
+    gemm, tn = ops_triton._GEMM_CONFIGS, ops_triton._TN_CONFIGS
+    bf16, fp32 = torch.empty(2, dtype=torch.bfloat16), torch.empty(2)
+    assert ops_triton.prune_tiles(gemm, {"x_ptr": bf16, "F": 4096}) == gemm
+    narrow = ops_triton.prune_tiles(gemm, {"a1_ptr": bf16, "N": 100})  # 128 columns at most
+    assert narrow and {c.kwargs["BN"] for c in narrow} == {128}
+    assert ops_triton.prune_tiles(gemm, {"a1_ptr": bf16, "N": 8}) == gemm[-1:]  # nothing fits: the narrowest
+    assert ops_triton.prune_tiles(tn, {"left_ptr": bf16, "I": 1024, "J": 512}) == tn
+    (small,) = ops_triton.prune_tiles(gemm, {"x_ptr": fp32, "F": 4096})
+    assert isinstance(small, triton.Config) and small.kwargs == {"BN": 64, "BK": 32}
+    assert ops_triton.prune_tiles(tn, {"left_ptr": fp32, "I": 64, "J": 64})[0].kwargs["BR"] == 32

@@ -10,6 +10,7 @@
 # Stages, in this order for `all` (the default), each bounded by `timeout` and all of them together
 # by BUDGET_S seconds (default 570, one 10-minute call); a stage the budget cannot start is reported
 # as skipped. Every bench process times one shape, so a stage cut short keeps the shapes it finished.
+# EAGER_CAP_S / COMPILED_CAP_S (default 150 / 120) bound each shape's process in those stages.
 #   tests     pytest tests/test_fused.py tests/test_gpu.py on CUDA: the fused kernels compiled, float32
 #             against loop, bf16 under autocast against float64, bench-size shapes against grouped,
 #             bitwise determinism (every backend's bf16 check in test_gpu.py includes fused)
@@ -59,11 +60,11 @@ run_stage() {
     case $1 in
         tests) capped 240 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_fused.py tests/test_gpu.py \
                    2>&1 | tee "$out/fused_gpu_tests.txt" ;;
-        eager) layer_bench 150 none ;;  # a first call autotunes the Triton paths: SwiGLU with liger took > 60 s
+        eager) layer_bench "${EAGER_CAP_S:-150}" none ;;  # a first call autotunes the Triton paths: SwiGLU with liger > 150 s
         profile) for shape in "8 2 4096" "64 8 1024"; do
                      capped 60 python3 -m moe_core.bench.profile layer fused $shape
                  done 2>&1 | tee -a "$out/fused_profile.txt" ;;
-        compiled) layer_bench 120 default ;;
+        compiled) layer_bench "${COMPILED_CAP_S:-120}" default ;;
         train) capped 580 python3 -m moe_core.bench train --device cuda --out "$out" \
                    --set "backends=[grouped, fused]" --set "compile_modes=[default]" ;;
         *) echo "unknown stage $1: tests | eager | profile | compiled | train | all" >&2; return 2 ;;

@@ -29,8 +29,28 @@ _TN_CONFIGS = [triton.Config({"BI": bi, "BJ": bj, "BR": br}, num_warps=w, num_st
                for bi, bj, br, w, s in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3)]]
 
 
+# 4-byte operands (the float32 correctness path) take one small tile: the 16-bit tiles do not fit them in
+# shared memory, and compiling those tiles to IEEE FMA loops takes minutes per configuration.
+_FOUR_BYTE = {"gemm": triton.Config({"BN": 64, "BK": 32}, num_warps=4, num_stages=3),
+              "tn": triton.Config({"BI": 64, "BJ": 64, "BR": 32}, num_warps=4, num_stages=3)}
+
+
+def prune_tiles(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune's early prune: the configurations worth compiling for these arguments. Column tiles
+    wider than the (power-of-two rounded) columns are dropped, so a small problem compiles few."""
+    args = {**named_args, **kwargs}
+    kind = "tn" if "BI" in configs[0].kwargs else "gemm"
+    if next(v for v in args.values() if isinstance(v, torch.Tensor)).element_size() > 2:
+        return [_FOUR_BYTE[kind]]
+    columns = {"BI": args.get("I"), "BJ": args.get("J"), "BN": args.get("F", args.get("N"))}
+    fits = [c for c in configs if all(c.kwargs[t] <= max(64, triton.next_power_of_2(columns[t]))
+                                      for t in c.kwargs if t in columns)]
+    return fits or configs[-1:]
+
+
 def _tuned(kernel, configs, key):
-    return kernel if INTERPRETED else triton.autotune(configs, key=key)(kernel)
+    return kernel if INTERPRETED else triton.autotune(configs, key=key,
+                                                      prune_configs_by={"early_config_prune": prune_tiles})(kernel)
 
 
 _LAUNCHERS = {  # the autotune keys: sizes, and the variant (an epilogue of two tiles wants narrower ones)
