@@ -296,6 +296,12 @@ def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path):
     assert cv[("dispatch_ms", 64, 2, "random")] == pytest.approx(pd.Series([8.0, 12.0]).std() / 10)
     table = spread.summary(spread.spread(rows, "capacity")).set_index(["column", "cells"])
     assert table.loc[("dispatch_ms", "all"), "cv_le_3pct"] == 2 and table.loc[("dispatch_ms", "q4"), "mean_min"] == 10
+    assert table["over_host_median"].isna().all()  # no host time recorded
+    rows["layer_host_ms"] = rows["layer_ms"] / 2  # every call took twice the host's issue time
+    rows.loc[rows["num_experts"] == 64, "layer_host_ms"] = rows["layer_ms"]  # but the longest, at the host's pace
+    table = spread.summary(spread.spread(rows, "capacity")).set_index(["column", "cells"])
+    assert table.loc[("layer_ms", "q1"), "over_host_median"] == 2 and table.loc[("layer_ms", "q4"), "over_host_median"] == 1
+    assert pd.isna(table.loc[("dispatch_ms", "all"), "over_host_median"])
     rows[rows["run_id"] == "r1"].to_csv(tmp_path / "capacity.csv", index=False)
     with pytest.raises(SystemExit, match="2"):
         spread.main([str(tmp_path)])

@@ -17,6 +17,7 @@ CELLS = {"capacity": ["source", "num_experts", "top_k", "cf_label"],
          "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "capacity_factor", "activation", "backend",
                    "compile_mode"]}
 TIMED = {"capacity": ["dispatch_ms", "layer_ms"], "layer": ["moe_ms", "dense_ms", "moe_over_dense"]}
+HOST = {"layer_ms": "layer_host_ms"}  # a timed column, and the host's time to issue the same call
 QUANTILES = 4  # cells split by their mean time into this many equal-count bins
 
 
@@ -31,9 +32,12 @@ def spread(rows: pd.DataFrame, section: str) -> pd.DataFrame:
         per_run = per_run[per_run.notna().sum(axis=1) >= 2]
         if per_run.empty:
             continue
-        out.append(pd.DataFrame({"column": column, "mean": per_run.mean(axis=1), "runs": per_run.notna().sum(axis=1),
-                                 "cv": per_run.std(axis=1) / per_run.mean(axis=1),
-                                 "slowest_run": per_run.idxmax(axis=1)}).reset_index())
+        frame = pd.DataFrame({"column": column, "mean": per_run.mean(axis=1), "runs": per_run.notna().sum(axis=1),
+                              "cv": per_run.std(axis=1) / per_run.mean(axis=1), "slowest_run": per_run.idxmax(axis=1)})
+        if HOST.get(column) in ok:  # near 1: the call was timed at the pace of the host issuing it
+            over = (ok[column] / ok[HOST[column]]).groupby([ok[c] for c in cell], dropna=False).mean()
+            frame["over_host"] = over.reindex(frame.index)
+        out.append(frame.reset_index())
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
@@ -41,7 +45,8 @@ def summary(cells: pd.DataFrame) -> pd.DataFrame:
     """Per timed column, all its cells and then each quarter of them ordered by mean time (shortest
     first): the time range, cells, median and largest CV, cells at or under 3%, and the share of cells
     whose slowest run is the run most often slowest (near 1: one run was slow throughout, a shift of
-    the whole run rather than noise within cells)."""
+    the whole run rather than noise within cells); and, where the host's issue time was recorded, the
+    median of time / host time (near 1: launch-bound calls timed at the host's pace)."""
     rows = []
     for column, group in cells.groupby("column", sort=False):
         quarter = pd.qcut(group["mean"].rank(method="first"), min(QUANTILES, len(group)), labels=False) + 1
@@ -49,7 +54,8 @@ def summary(cells: pd.DataFrame) -> pd.DataFrame:
             rows.append({"column": column, "cells": part, "n": len(sub), "mean_min": sub["mean"].min(),
                          "mean_max": sub["mean"].max(), "cv_median": sub["cv"].median(), "cv_max": sub["cv"].max(),
                          "cv_le_3pct": int((sub["cv"] <= 0.03).sum()),
-                         "same_slowest_run": sub["slowest_run"].value_counts(normalize=True).iloc[0]})
+                         "same_slowest_run": sub["slowest_run"].value_counts(normalize=True).iloc[0],
+                         "over_host_median": sub["over_host"].median() if "over_host" in sub else float("nan")})
     return pd.DataFrame(rows)
 
 
