@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 
 from ..config import MoEConfig
+from ..fused import HAS_TRITON, make_plan
 from ..moe import MoEFeedForward
 from .timing import time_median_ms
+
+if HAS_TRITON:
+    import triton
+
+    from ..fused import ops_triton
 
 SHAPES = {  # the fused layer bench's shapes (tools/fused_gpu.sh): T 32k, D 1024, bf16
     "gelu E8 k2 F4096 cf1.25": dict(num_experts=8, top_k=2, hidden=4096, capacity_factor=1.25),
@@ -46,7 +52,6 @@ TIMING = dict(warmup=5, repeats=20)
 
 def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> dict:
     """The six GEMMs as (call, FLOPs): inputs of the right shapes (values do not change the time)."""
-    from ..fused import make_plan
     routing = layer.router(x_TD, None, x_TD.shape[0])[0]
     plan = make_plan(routing, block_rows)
     ex = layer.experts
@@ -71,9 +76,6 @@ def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> di
 
 
 def measure(name: str, shape: dict, out: Path | None) -> list[dict]:
-    import triton
-
-    from ..fused import ops_triton
     dev = torch.device("cuda")
     torch.manual_seed(0)
     cfg = MoEConfig(dim=DIM, router="softk", backend="fused", **{"activation": "gelu", **shape})
