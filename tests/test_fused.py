@@ -7,6 +7,8 @@ and reduction tiles (so the masks and tile seams are exercised); tests/test_moe_
 backend, this one included, to the per-token reference over all its routing cases. The tests marked
 for CUDA (bf16 tolerance, real sizes, speed-relevant shapes) run on the GPU: `pytest -k fused`.
 """
+import json
+
 import pytest
 import torch
 from test_moe_core import VOCAB, outputs_and_grads
@@ -277,3 +279,27 @@ def test_autotune_prunes_wide_tiles_for_small_problems_and_four_byte_operands():
     (small,) = ops_triton.prune_tiles(gemm, {"x_ptr": fp32, "F": 4096})
     assert isinstance(small, triton.Config) and small.kwargs == {"BN": 64, "BK": 32}
     assert ops_triton.prune_tiles(tn, {"left_ptr": fp32, "I": 64, "J": 64})[0].kwargs["BR"] == 32
+
+
+def test_tile_bench_compare_is_the_after_over_before_time_of_configurations_timed_in_both(tmp_path, capsys):
+    from moe_core.bench import fused_tiles
+    rows = {"before": [("up", "a", 2.0), ("up", "b", 4.0), ("up", "c", 1.0), ("dw1", "a", 1.0)],
+            "after": [("up", "a", 1.0), ("up", "b", 3.0), ("dw1", "a", 1.5), ("dw1", "z", 9.0)]}
+    for name, entries in rows.items():
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for gemm, tiles, ms in entries:
+                f.write(json.dumps({"shape": "s", "gemm": gemm, "tiles": tiles, "ms": ms}) + "\n")
+            f.write(json.dumps({"shape": "s", "gemm": "up", "tiles": "x", "error": "OutOfResources"}) + "\n")
+    table = fused_tiles.compare(tmp_path / "before.jsonl", tmp_path / "after.jsonl").set_index("gemm")
+    assert table.loc["up", "count"] == 2 and table.loc["up", "median"] == pytest.approx((0.5 + 0.75) / 2)
+    assert table.loc["dw1", "count"] == 1 and table.loc["dw1", "median"] == 1.5
+    assert fused_tiles.main(["--compare", str(tmp_path / "before.jsonl"), str(tmp_path / "none.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().endswith("no such file: " + str(tmp_path / "none.jsonl"))
+    with open(tmp_path / "before.jsonl", "a") as f:  # a second shape, for the sums
+        f.write(json.dumps({"shape": "t", "gemm": "up", "tiles": "a", "ms": 5.0, "tflops": 1.0}) + "\n")
+    rows = [{**json.loads(line), "tflops": 1.0} for line in (tmp_path / "before.jsonl").read_text().splitlines()]
+    fused_tiles.best(rows)
+    out = capsys.readouterr().out
+    assert "sum  s" in out and "  2.000 ms (the GEMMs' best times added)" in out  # up 1.0 (c) + dw1 1.0
+    fused_tiles.best(rows, only=["a", "b"])
+    assert "  3.000 ms (the GEMMs' best times added)" in capsys.readouterr().out  # up 2.0 (a) + dw1 1.0

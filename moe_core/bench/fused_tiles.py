@@ -5,11 +5,17 @@ gradients), at the fused layer bench's shapes. The autotune lists of ``moe_core.
 are chosen from its output. CUDA only.
 
     python -m moe_core.bench.fused_tiles [--out DIR] [--filter SUBSTRING]
+    python -m moe_core.bench.fused_tiles --compare BEFORE.jsonl AFTER.jsonl
+    python -m moe_core.bench.fused_tiles --best FILE.jsonl [--only TILES ...]
 
 Prints, per (shape, GEMM, configuration), milliseconds and TFLOP/s (2 x kept rows x K x N per
 product over the median time), then each GEMM's best; appends every row to DIR/fused_tiles.jsonl as it
 is measured, so a run cut short keeps what it timed. A configuration that does not compile (too much
-shared memory) gets a row with its error.
+shared memory) gets a row with its error. ``--compare`` reads two such files (say, before and after a
+kernel change) and prints, per shape and GEMM, the median over the configurations timed in both of
+after / before time; ``--best`` reprints a file's per-GEMM bests and their sum per shape, among the
+configurations ``--only`` names (their labels, e.g. "BM128 BN128 BK64 w8 s3") when given. No GPU
+needed for either.
 
 Legend: T tokens, D model dim, F expert hidden, E experts, N rows.
 """
@@ -20,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ..config import MoEConfig
@@ -120,18 +127,49 @@ def measure(name: str, shape: dict, out: Path | None) -> list[dict]:
     return rows
 
 
-def best(rows: list[dict]) -> None:
-    timed = [r for r in rows if "ms" in r]
+def best(rows: list[dict], only: list[str] | None = None) -> None:
+    """Each GEMM's fastest configuration (among ``only``'s tile labels when given), then per shape the
+    sum of the six GEMMs' best times: one forward + backward with each GEMM at its best tiles."""
+    timed = [r for r in rows if "ms" in r and (not only or r["tiles"] in only)]
+    sums: dict[str, float] = {}
     for key in sorted({(r["shape"], r["gemm"]) for r in timed}):
         top = min((r for r in timed if (r["shape"], r["gemm"]) == key), key=lambda r: r["ms"])
+        sums[key[0]] = sums.get(key[0], 0.0) + top["ms"]
         print(f"best {key[0]:30s} {key[1]:9s} {top['tiles']:28s} {top['ms']:7.3f} ms {top['tflops']:6.0f} TFLOP/s")
+    for shape, total in sums.items():
+        print(f"sum  {shape:30s} {total:7.3f} ms (the GEMMs' best times added)")
+
+
+def compare(before: Path, after: Path) -> pd.DataFrame:
+    """Per (shape, GEMM): configurations timed in both files, and the median, least and largest of
+    after / before milliseconds over them."""
+    frames = [pd.read_json(path, lines=True) for path in (before, after)]
+    timed = [f[f["ms"].notna()] if "ms" in f else f.iloc[:0] for f in frames]
+    both = timed[0].merge(timed[1], on=["shape", "gemm", "tiles"], suffixes=("_before", "_after"))
+    ratio = both.assign(ratio=both["ms_after"] / both["ms_before"]).groupby(["shape", "gemm"])["ratio"]
+    return ratio.agg(["count", "median", "min", "max"]).reset_index()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_core.bench.fused_tiles", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for fused_tiles.jsonl")
     parser.add_argument("--filter", default="", help="only the shapes whose name contains this")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                        help="two fused_tiles.jsonl files: after / before time per shape and GEMM")
+    parser.add_argument("--best", type=Path, metavar="FILE", help="a fused_tiles.jsonl: its bests and their sums")
+    parser.add_argument("--only", nargs="+", metavar="TILES", help="with --best: only these tile labels")
     args = parser.parse_args(argv)
+    files = [*(args.compare or []), *([args.best] if args.best else [])]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        print(f"fused_tiles: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if args.compare:
+        print(compare(*args.compare).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        return 0
+    if args.best:
+        best([json.loads(line) for line in args.best.read_text().splitlines()], args.only)
+        return 0
     if not torch.cuda.is_available():
         print("fused_tiles: needs CUDA (the fused kernels compile for a GPU only)", file=sys.stderr)
         return 2

@@ -11,8 +11,8 @@ Row tiles come from the plan (``moe_core.fused.plan``): program p of a grouped G
 tile p % n of rows [tile_row[m], tile_row[m] + BM) of expert tile_expert[m], m = p // n (n column
 tiles), clipped to that expert's rows; a tile whose expert is E is empty (the grid is an upper bound,
 so no host synchronisation sizes it). Column tiles vary fastest, so the programs running at once share
-their row tile (its gathered rows read from memory once, then from L2) and the expert's weights,
-instead of each column tile streaming the whole gathered input again.
+their row tile and the expert's weights (the tile bench timed the same tiles faster in this order than
+with row tiles fastest; see BENCHMARKS.md).
 
 On a machine without CUDA, importing ``moe_core.fused`` turns Triton's interpreter on
 (TRITON_INTERPRET=1 unless set) before triton is first imported: the kernels then run on CPU tensors
@@ -146,7 +146,7 @@ def tn_kernel(left_ptr, left_idx_ptr, right_ptr, right_idx_ptr, scale_ptr, out_p
     """out[e] = sum over the rows n of expert e of left[l(n)]^T (scale[n] * right[r(n)]), l and r the
     optional row gathers: the weight gradients. One program per (output tile, expert) reduces its
     rows in order (no split-K, no atomics); output tiles vary fastest, so the programs running at once
-    read the same expert's rows, from L2 after the first."""
+    read the same expert's rows."""
     e = tl.program_id(1).to(tl.int64)
     tiles_j = tl.cdiv(J, BJ)
     i_s = (tl.program_id(0) // tiles_j) * BI + tl.arange(0, BI)

@@ -20,8 +20,8 @@ from .plan import FusedPlan
 BLOCK_ROWS = 16 if INTERPRETED else 128  # BM
 _SMALL = {"BN": 32, "BK": 32}  # the interpreter's tiles (tl.dot wants >= 16)
 # The fastest tiles of each GEMM at the layer bench's shapes on an H200 (python -m moe_core.bench.fused_tiles,
-# runs/benchmarks/fused_20261128_h200_ae4f4a2): 256-column tiles for the plain GEMMs, 128 where an epilogue
-# holds two tiles (SwiGLU); 128 x 128 output tiles over 64 rows for the weight gradients.
+# runs/benchmarks/fused_20261128_h200_ae4f4a2): 256-column tiles for most, 128 for the SwiGLU up-projection
+# and the activation gradient; 128 x 128 output tiles over 64 rows for the weight gradients.
 _GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
                  for bn, bk, w, s in [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 4), (128, 64, 8, 4),
                                       (128, 64, 8, 3)]]
