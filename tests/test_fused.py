@@ -47,8 +47,8 @@ def with_backend(layer, ids, fn):
     return forward
 
 
-def fused_with(ops):
-    return lambda x, routing, experts: run_fused(x, routing, experts, ops)
+def fused_with(ops, pregather=True):
+    return lambda x, routing, experts: run_fused(x, routing, experts, ops, pregather)
 
 
 def assert_all_close(got, want, rtol, atol, label):
@@ -69,16 +69,18 @@ def test_cpu_runs_the_triton_kernels_interpreted():
 @pytest.mark.parametrize("router,cf,activation", CASES)
 def test_kernels_match_reference_float64(router, cf, activation):
     """The interpreted kernels, the PyTorch statement and the loop backend equal the per-token
-    reference in float64 (outputs and every gradient), and each other to float64 rounding."""
+    reference in float64 (outputs and every gradient), and each other to float64 rounding; with the
+    gathers done once before the GEMMs (the default) or inside their loads."""
     layer, x, ids = fused_layer(router, cf, activation, dtype=torch.float64)
     if cf is not None and router != "expert_choice":
         assert layer(x, ids)[1].drop_rate > 0, "the case must drop something"
     want = outputs_and_grads(layer, x, lambda v: reference_forward(layer, v, ids))
     loop = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["loop"]))
     for label, ops in (("kernels", kernel_ops(x.device, x.dtype)), ("torch", ops_torch)):
-        got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops)))
-        assert_all_close(got, want, 1e-5, 1e-5, label)  # the router's gates are float32 by contract
-        assert_all_close(got, loop, 1e-12, 1e-12, label)
+        for pregather in (True, False):
+            got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops, pregather)))
+            assert_all_close(got, want, 1e-5, 1e-5, f"{label} pregather={pregather}")  # float32 gates
+            assert_all_close(got, loop, 1e-12, 1e-12, f"{label} pregather={pregather}")
 
 
 @needs_interpreter
@@ -129,13 +131,15 @@ def test_fused_is_bitwise_deterministic_and_a_dropped_token_leaves_as_zero(activ
     assert dropped_T.any() and torch.equal(y1[dropped_T], torch.zeros_like(y1[dropped_T]))
 
 
-def test_fused_under_torch_compile_equals_eager():
-    """torch.compile compiles around the fused function (a graph break), as the layer bench times it."""
-    layer, x, _ = fused_layer("softk", 1.25, "swiglu", T=24, D=16, F=24)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_fused_under_torch_compile_is_one_graph_and_equals_eager(device):
+    """The fused steps are custom ops: torch.compile keeps the whole layer in one graph (fullgraph
+    raises on a graph break), forward and backward, with the eager results."""
+    layer, x, _ = fused_layer("softk", 1.25, "swiglu", T=24, D=16, F=24, device=device)
     layer.backend = "fused"
     eager = outputs_and_grads(layer, x, lambda v: layer(v)[0])
     torch._dynamo.reset()
-    compiled = torch.compile(layer)
+    compiled = torch.compile(layer, fullgraph=True)
     assert_all_close(outputs_and_grads(layer, x, lambda v: compiled(v)[0]), eager, 1e-5, 1e-6, "compiled")
 
 
@@ -147,11 +151,14 @@ def rel_err(a, b):
 @needs_cuda
 @pytest.mark.parametrize("router,cf,activation", CASES)
 def test_fused_cuda_float32_matches_loop(router, cf, activation):
+    """Both ways of gathering: once before the GEMMs (the default) and in their loads."""
     layer, x, ids = fused_layer(router, cf, activation, T=1024, D=256, F=384, E=8, device="cuda")
-    got = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["fused"]))
     want = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["loop"]))
-    for name in want:  # tl.dot in IEEE float32 unless torch allows TF32
-        assert rel_err(got[name], want[name]) < 1e-4, f"{name}: {rel_err(got[name], want[name]):.2e}"
+    for pregather in (True, False):
+        got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(None, pregather)))
+        for name in want:  # tl.dot in IEEE float32 unless torch allows TF32
+            err = rel_err(got[name], want[name])
+            assert err < 1e-4, f"pregather={pregather} {name}: {err:.2e}"
 
 
 @needs_cuda
@@ -252,9 +259,13 @@ def test_tile_bench_gemms_have_the_fused_shapes_and_count_kept_rows(activation):
     assert 0 < kept < 64 * 2  # CF 1 drops some
     products = 2 if activation == "swiglu" else 1
     want = {"up": products, "down": 1, "act_grad": 1, "dx": products, "dw1": 1, "dw2": 1}
+    want.update({f"{name}_pre": want[name] for name in ("up", "act_grad", "dw1", "dw2")}, gather_x=0, gather_dy=0)
     assert {name: flops / (2 * kept * 32 * 24) for name, (_, flops) in calls.items()} == want
-    assert calls["dw1"][0]().shape == (4, 32, 24) and calls["dw2"][0]().shape == (4, 24, 32)
-    assert calls["down"][0]().shape == calls["dx"][0]().shape == (64 * 2, 32)
+    assert {step for steps in fused_tiles.STEPS.values() for step in steps} == set(want)
+    for name in ("dw1", "dw1_pre"):
+        assert calls[name][0]().shape == (4, 32, 24) and calls[name.replace("1", "2")][0]().shape == (4, 24, 32)
+    assert calls["down"][0]().shape == calls["dx"][0]().shape == calls["gather_dy"][0]().shape == (64 * 2, 32)
+    assert calls["up"][0]()[0].shape == calls["up_pre"][0]()[0].shape == (64 * 2, 24)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message a machine without CUDA gets")
@@ -295,11 +306,19 @@ def test_tile_bench_compare_is_the_after_over_before_time_of_configurations_time
     assert table.loc["dw1", "count"] == 1 and table.loc["dw1", "median"] == 1.5
     assert fused_tiles.main(["--compare", str(tmp_path / "before.jsonl"), str(tmp_path / "none.jsonl")]) == 2
     assert capsys.readouterr().err.strip().endswith("no such file: " + str(tmp_path / "none.jsonl"))
-    with open(tmp_path / "before.jsonl", "a") as f:  # a second shape, for the sums
-        f.write(json.dumps({"shape": "t", "gemm": "up", "tiles": "a", "ms": 5.0, "tflops": 1.0}) + "\n")
-    rows = [{**json.loads(line), "tflops": 1.0} for line in (tmp_path / "before.jsonl").read_text().splitlines()]
+
+
+def test_tile_bench_best_adds_each_steps_best_time_for_both_ways_of_gathering(capsys):
+    from moe_core.bench import fused_tiles
+    rows = [{"shape": "s", "gemm": g, "tiles": tiles, "ms": ms, "tflops": 1.0}
+            for g in ("up", "down", "act_grad", "dx", "dw1", "dw2", "up_pre", "act_grad_pre", "dw1_pre", "dw2_pre")
+            for tiles, ms in (("a", 2.0), ("b", 1.0))]
+    rows += [{"shape": "s", "gemm": g, "tiles": "-", "ms": 0.25, "tflops": 0.0} for g in ("gather_x", "gather_dy")]
+    rows += [{"shape": "t", "gemm": "up", "tiles": "a", "ms": 5.0, "tflops": 1.0},  # a shape missing steps: no sum
+             {"shape": "s", "gemm": "up", "tiles": "c", "error": "OutOfResources"}]
     fused_tiles.best(rows)
-    out = capsys.readouterr().out
-    assert "sum  s" in out and "  2.000 ms (the GEMMs' best times added)" in out  # up 1.0 (c) + dw1 1.0
-    fused_tiles.best(rows, only=["a", "b"])
-    assert "  3.000 ms (the GEMMs' best times added)" in capsys.readouterr().out  # up 2.0 (a) + dw1 1.0
+    sums = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sum")]
+    assert sums == ["sum  s                                6.000 ms, gathers in the GEMMs (the steps' best times added)",
+                    "sum  s                                6.500 ms, gathers beforehand (the steps' best times added)"]
+    fused_tiles.best(rows, only=["a"])  # the gathers have no tiles and stay
+    assert "  12.000 ms, gathers in the GEMMs" in capsys.readouterr().out

@@ -4,13 +4,16 @@ reduction tile BK, warps, pipeline stages; BI x BJ output tiles and BR rows for 
 gradients), at the fused layer bench's shapes. The autotune lists of ``moe_core.fused.ops_triton``
 are chosen from its output. CUDA only.
 
-    python -m moe_core.bench.fused_tiles [--out DIR] [--filter SUBSTRING]
+    python -m moe_core.bench.fused_tiles [--out DIR] [--filter SUBSTRING] [--autotuned]
     python -m moe_core.bench.fused_tiles --compare BEFORE.jsonl AFTER.jsonl
     python -m moe_core.bench.fused_tiles --best FILE.jsonl [--only TILES ...]
 
 Prints, per (shape, GEMM, configuration), milliseconds and TFLOP/s (2 x kept rows x K x N per
-product over the median time), then each GEMM's best; appends every row to DIR/fused_tiles.jsonl as it
-is measured, so a run cut short keeps what it timed. A configuration that does not compile (too much
+product over the median time), then each GEMM's best and, per shape, the sum of one forward +
+backward's steps with the gathers fused into the GEMMs' loads and with them done once beforehand
+(the GEMMs that read gathered rows are timed both ways, the two gathers once). ``--autotuned`` times
+only the configurations the autotuner chooses among. Appends every row to DIR/fused_tiles.jsonl as
+it is measured, so a run cut short keeps what it timed. A configuration that does not compile (too much
 shared memory) gets a row with its error. ``--compare`` reads two such files (say, before and after a
 kernel change) and prints, per shape and GEMM, the median over the configurations timed in both of
 after / before time; ``--best`` reprints a file's per-GEMM bests and their sum per shape, among the
@@ -58,7 +61,9 @@ TIMING = dict(warmup=5, repeats=20)
 
 
 def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> dict:
-    """The six GEMMs as (call, FLOPs): inputs of the right shapes (values do not change the time)."""
+    """The six GEMMs as (call, FLOPs), those that read a gathered operand both ways (``_pre``: from
+    rows gathered beforehand), and the two gathers (FLOPs 0): inputs of the right shapes (values do
+    not change the time)."""
     routing = layer.router(x_TD, None, x_TD.shape[0])[0]
     plan = make_plan(routing, block_rows)
     ex = layer.experts
@@ -67,22 +72,42 @@ def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> di
     N, (_, D, Fh) = plan.assign_N.numel(), w1.shape
     kept = int(plan.ends_E[-1])
     rand = lambda *shape: torch.randn(*shape, device=x_TD.device, dtype=x_TD.dtype)  # noqa: E731
-    h, a, dy = rand(N, Fh), rand(N, Fh), rand(*x_TD.shape)
+    h, a, dy, xs, dys = rand(N, Fh), rand(N, Fh), rand(*x_TD.shape), rand(N, D), rand(N, D)
     g = rand(N, Fh) if swiglu else None
     weight_N = torch.rand(N, device=x_TD.device, dtype=torch.float32)
-    w3t = w3.transpose(1, 2) if swiglu else None
+    w2t, w3t, token_N = w2.transpose(1, 2), w3.transpose(1, 2) if swiglu else None, plan.token_N
     products, flops = 2 if swiglu else 1, 2.0 * kept * D * Fh
     return {
-        "up": (lambda: ops.up(x_TD, plan, w1, w3), products * flops),
+        "up": (lambda: ops.up(x_TD, token_N, plan, w1, w3), products * flops),
+        "up_pre": (lambda: ops.up(xs, None, plan, w1, w3), products * flops),
         "down": (lambda: ops.rows(a, w2, plan), flops),
-        "act_grad": (lambda: ops.act_grad(dy, plan, weight_N, w2.transpose(1, 2), h, g), flops),
+        "act_grad": (lambda: ops.act_grad(dy, token_N, weight_N, plan, w2t, h, g), flops),
+        "act_grad_pre": (lambda: ops.act_grad(dys, None, None, plan, w2t, h, g), flops),
         "dx": (lambda: ops.rows(h, w1.transpose(1, 2), plan, g, w3t), products * flops),
-        "dw1": (lambda: ops.tn(x_TD, plan.token_N, h, None, None, plan), flops),
-        "dw2": (lambda: ops.tn(a, None, dy, plan.token_N, weight_N, plan), flops),
+        "dw1": (lambda: ops.tn(x_TD, token_N, h, None, None, plan), flops),
+        "dw1_pre": (lambda: ops.tn(xs, None, h, None, None, plan), flops),
+        "dw2": (lambda: ops.tn(a, None, dy, token_N, weight_N, plan), flops),
+        "dw2_pre": (lambda: ops.tn(a, None, dys, None, None, plan), flops),
+        "gather_x": (lambda: ops.gather(x_TD, plan), 0.0),
+        "gather_dy": (lambda: ops.gather(dy, plan, weight_N), 0.0),
     }
 
 
-def measure(name: str, shape: dict, out: Path | None) -> list[dict]:
+# One forward + backward's steps, with the gathers fused into the GEMMs' loads or done once beforehand.
+STEPS = {"gathers in the GEMMs": ("up", "down", "act_grad", "dx", "dw1", "dw2"),
+         "gathers beforehand": ("gather_x", "gather_dy", "up_pre", "down", "act_grad_pre", "dx", "dw1_pre", "dw2_pre")}
+GATHERS = ("gather_x", "gather_dy")  # timed once: they have no tiles
+NO_TILES = "-"
+
+
+def autotuned_tiles() -> tuple[list, list]:
+    """(GEMM_TILES, TN_TILES) cut to the configurations in ``ops_triton``'s autotune lists."""
+    gemm = [(c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages) for c in ops_triton._GEMM_CONFIGS]
+    tn = [(c.kwargs["BI"], c.kwargs["BJ"], c.kwargs["BR"], c.num_warps, c.num_stages) for c in ops_triton._TN_CONFIGS]
+    return gemm, tn
+
+
+def measure(name: str, shape: dict, out: Path | None, autotuned: bool = False) -> list[dict]:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     cfg = MoEConfig(dim=DIM, router="softk", backend="fused", **{"activation": "gelu", **shape})
@@ -92,21 +117,26 @@ def measure(name: str, shape: dict, out: Path | None) -> list[dict]:
     rows = []
     default_tn = triton.Config({"BI": 128, "BJ": 128, "BR": 64}, num_warps=8, num_stages=3)
     default_gemm = triton.Config({"BN": 128, "BK": 64}, num_warps=8, num_stages=3)
-    cases = [(bm, "gemm", tiles) for bm in ROW_TILES for tiles in GEMM_TILES]
-    cases += [(ROW_TILES[-1], "tn", tiles) for tiles in TN_TILES]  # the row tile does not matter to them
+    cases = [(ROW_TILES[-1], "gathers", None)]
+    gemm_tiles, tn_tiles = autotuned_tiles() if autotuned else (GEMM_TILES, TN_TILES)
+    row_tiles = [ops_triton.BLOCK_ROWS] if autotuned else ROW_TILES
+    cases += [(bm, "gemm", tiles) for bm in row_tiles for tiles in gemm_tiles]
+    cases += [(ROW_TILES[-1], "tn", tiles) for tiles in tn_tiles]  # the row tile does not matter to them
     with torch.no_grad():
         calls_by_rows = {bm: gemms(ops_triton, layer, x_TD, bm) for bm in ROW_TILES}
     for block_rows, kind, tiles in cases:
         calls = calls_by_rows[block_rows]
-        if kind == "gemm":
+        if kind == "gathers":
+            gemm, tn, names, label = default_gemm, default_tn, GATHERS, NO_TILES
+        elif kind == "gemm":
             bn, bk, warps, stages = tiles
             gemm, tn, names = triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages), default_tn, \
-                ("up", "down", "act_grad", "dx")
+                ("up", "up_pre", "down", "act_grad", "act_grad_pre", "dx")
             label = f"BM{block_rows} BN{bn} BK{bk} w{warps} s{stages}"
         else:
             bi, bj, br, warps, stages = tiles
             gemm, tn, names = default_gemm, triton.Config({"BI": bi, "BJ": bj, "BR": br}, num_warps=warps,
-                                                          num_stages=stages), ("dw1", "dw2")
+                                                          num_stages=stages), ("dw1", "dw1_pre", "dw2", "dw2_pre")
             label = f"BI{bi} BJ{bj} BR{br} w{warps} s{stages}"
         with ops_triton.fixed_tiles(gemm, tn):
             for gemm_name in names:
@@ -128,16 +158,19 @@ def measure(name: str, shape: dict, out: Path | None) -> list[dict]:
 
 
 def best(rows: list[dict], only: list[str] | None = None) -> None:
-    """Each GEMM's fastest configuration (among ``only``'s tile labels when given), then per shape the
-    sum of the six GEMMs' best times: one forward + backward with each GEMM at its best tiles."""
-    timed = [r for r in rows if "ms" in r and (not only or r["tiles"] in only)]
-    sums: dict[str, float] = {}
+    """Each GEMM's fastest configuration (among ``only``'s tile labels when given; the gathers have
+    none), then per shape and way of gathering the sum of its steps' best times: one forward +
+    backward with each GEMM at its best tiles."""
+    timed = [r for r in rows if "ms" in r and (not only or r["tiles"] in (*only, NO_TILES))]
+    tops = {}
     for key in sorted({(r["shape"], r["gemm"]) for r in timed}):
-        top = min((r for r in timed if (r["shape"], r["gemm"]) == key), key=lambda r: r["ms"])
-        sums[key[0]] = sums.get(key[0], 0.0) + top["ms"]
-        print(f"best {key[0]:30s} {key[1]:9s} {top['tiles']:28s} {top['ms']:7.3f} ms {top['tflops']:6.0f} TFLOP/s")
-    for shape, total in sums.items():
-        print(f"sum  {shape:30s} {total:7.3f} ms (the GEMMs' best times added)")
+        tops[key] = top = min((r for r in timed if (r["shape"], r["gemm"]) == key), key=lambda r: r["ms"])
+        print(f"best {key[0]:30s} {key[1]:12s} {top['tiles']:28s} {top['ms']:7.3f} ms {top['tflops']:6.0f} TFLOP/s")
+    for shape in sorted({shape for shape, _ in tops}):
+        for way, steps in STEPS.items():
+            if all((shape, step) in tops for step in steps):
+                total = sum(tops[shape, step]["ms"] for step in steps)
+                print(f"sum  {shape:30s} {total:7.3f} ms, {way} (the steps' best times added)")
 
 
 def compare(before: Path, after: Path) -> pd.DataFrame:
@@ -154,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_core.bench.fused_tiles", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for fused_tiles.jsonl")
     parser.add_argument("--filter", default="", help="only the shapes whose name contains this")
+    parser.add_argument("--autotuned", action="store_true", help="only the configurations autotune chooses among")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                         help="two fused_tiles.jsonl files: after / before time per shape and GEMM")
     parser.add_argument("--best", type=Path, metavar="FILE", help="a fused_tiles.jsonl: its bests and their sums")
@@ -179,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    rows = [row for name, shape in shapes.items() for row in measure(name, shape, args.out)]
+    rows = [row for name, shape in shapes.items() for row in measure(name, shape, args.out, args.autotuned)]
     best(rows)
     return 0
 

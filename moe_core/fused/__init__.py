@@ -1,6 +1,7 @@
-"""The ``fused`` dispatch backend: Triton kernels that fuse the token gather into the first expert
-GEMM and the gate-weighted combine after the second (ScatterMoE's design), forward and backward,
-deterministic; a PyTorch statement of the same steps where the kernels cannot run.
+"""The ``fused`` dispatch backend: Triton kernels for grouped expert GEMMs over expert-sorted rows, the
+activation in the first GEMM's epilogue and the gate-weighted combine after the second (ScatterMoE's
+design; the token gather is one pass before the GEMMs by default, or fused into their loads), forward
+and backward, deterministic; a PyTorch statement of the same steps where the kernels cannot run.
 
 Without a GPU, Triton runs only interpreted, and reads TRITON_INTERPRET when it is first imported:
 so it is set here (unless already set), before the kernels import triton.
@@ -12,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .function import HAS_TRITON, FusedExperts, kernel_ops, run_fused  # noqa: E402
+from .function import HAS_TRITON, kernel_ops, run_fused  # noqa: E402
 from .plan import FusedPlan, make_plan  # noqa: E402
 
-__all__ = ["HAS_TRITON", "FusedExperts", "FusedPlan", "kernel_ops", "make_plan", "run_fused"]
+__all__ = ["HAS_TRITON", "FusedPlan", "kernel_ops", "make_plan", "run_fused"]

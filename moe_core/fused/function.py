@@ -1,30 +1,43 @@
 """The fused backend: gather -> expert GEMM -> activation -> expert GEMM -> weighted combine as one
-autograd function over a plan of expert-sorted kept rows, with an explicit backward.
+custom operator over a plan of expert-sorted kept rows, with an explicit backward (a second one).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (see ``plan``).
 
-Forward: h (and g) = x[token] W1 (W3) with the gather fused into the GEMM's loads, a = act(h) in its
-epilogue; o = a W2 per row; y[t] = sum of weight * o over token t's kept rows, in a fixed order.
-Backward: da = weight * dy[token] W2^T through the activation's derivative (dh, dg); dW2 = a^T
-(weight * dy[token]); dW1 = x[token]^T dh (dW3 likewise); dx[t] = sum over t's rows of dh W1^T
+Forward: xs[n] = x[token[n]] gathered once (``pregather``; else the gather is fused into the GEMM's
+loads); h (and g) = xs W1 (W3), a = act(h) in the GEMM's epilogue; o = a W2 per row; y[t] = sum of
+weight * o over token t's kept rows, in a fixed order. Backward: dys[n] = weight[n] * dy[token[n]]
+gathered once (or in the loads, weighted in the epilogue); da = dys W2^T through the activation's
+derivative (dh, dg); dW2 = a^T dys; dW1 = xs^T dh (dW3 likewise); dx[t] = sum over t's rows of dh W1^T
 (+ dg W3^T); dweight[a] = <dy[token], o[row]>. No atomics: bitwise reproducible.
 
-Which ops run it: the Triton kernels, compiled on CUDA (bf16, fp16, float32) or under Triton's
+Pre-gathering costs one copy of N x D each way and turns four gathered GEMMs into plain ones, which
+the tile bench (``moe_core.bench.fused_tiles``) times faster; ``pregather=False`` keeps the fused gather.
+
+The two steps are ``torch.library`` custom ops: torch.compile keeps them in its graph as opaque calls
+(no graph break), so a compiled model stays one graph and CUDA graphs can capture it.
+
+Which ops run them: the Triton kernels, compiled on CUDA (bf16, fp16, float32) or under Triton's
 interpreter on a machine without CUDA (float32, float64: slow, the CPU proof); otherwise
 ``ops_torch``, the same steps in PyTorch. Dropped assignments get no row: capacity saves compute.
 """
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import fields
 
 import torch
+from torch import Tensor
 
 from . import ops_torch
-from .plan import make_plan
+from .plan import FusedPlan, make_plan
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+OPS = {"ops_torch": ops_torch}
 if HAS_TRITON:
     from . import ops_triton
+    OPS["ops_triton"] = ops_triton
+
+_PLAN_TENSORS = [f.name for f in fields(FusedPlan) if f.type in ("torch.Tensor", torch.Tensor)]
 
 
 def kernel_ops(device: torch.device, dtype: torch.dtype):
@@ -39,43 +52,93 @@ def kernel_ops(device: torch.device, dtype: torch.dtype):
     return ops_torch
 
 
-class FusedExperts(torch.autograd.Function):
-    """y = the weighted sum over each token's kept assignments of expert_e(x_t); see the module doc."""
-
-    @staticmethod
-    def forward(ctx, x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan, ops):
-        h_NF, g_NF, a_NF = ops.up(x_TD, plan, w1_EDF, w3_EDF)
-        o_ND = ops.rows(a_NF, w2_EFD, plan)
-        ctx.save_for_backward(x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND)
-        ctx.plan, ctx.ops = plan, ops
-        return ops.combine(o_ND, plan, weight_A)
-
-    @staticmethod
-    def backward(ctx, dy_TD):
-        x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND = ctx.saved_tensors
-        plan, ops, need = ctx.plan, ctx.ops, ctx.needs_input_grad
-        dy_TD = dy_TD.contiguous()
-        weight_N = weight_A[plan.assign_N]
-        dh_NF, dg_NF = ops.act_grad(dy_TD, plan, weight_N, w2_EFD.transpose(1, 2), h_NF, g_NF)
-        dx_TD = dweight_A = dw1 = dw3 = dw2 = None
-        if need[0]:
-            w3t = w3_EDF.transpose(1, 2) if w3_EDF is not None else None
-            dx_TD = ops.combine(ops.rows(dh_NF, w1_EDF.transpose(1, 2), plan, dg_NF, w3t), plan)
-        if need[1]:
-            dweight_A = ops.row_dot(dy_TD, o_ND, plan, weight_A.dtype)
-        if need[2]:
-            dw1 = ops.tn(x_TD, plan.token_N, dh_NF, None, None, plan)
-        if need[3]:
-            dw3 = ops.tn(x_TD, plan.token_N, dg_NF, None, None, plan)
-        if need[4]:
-            dw2 = ops.tn(a_NF, None, dy_TD, plan.token_N, weight_N, plan)
-        return dx_TD, dweight_A, dw1, dw3, dw2, None, None
+def _plan(plan_tensors: list[Tensor], num_tokens: int, num_experts: int, block_rows: int) -> FusedPlan:
+    return FusedPlan(**dict(zip(_PLAN_TENSORS, plan_tensors)), num_tokens=num_tokens, num_experts=num_experts,
+                     block_rows=block_rows)
 
 
-@torch.compiler.disable
-def _apply(*args):
-    """Opaque to torch.compile (a graph break): the kernels are launched as they are."""
-    return FusedExperts.apply(*args)
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """A custom op returns tensors only: an empty one stands for None."""
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("moe_core::fused_forward", mutates_args=())
+def fused_forward(x_TD: Tensor, weight_A: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor,
+                  plan_tensors: list[Tensor], block_rows: int, ops_name: str,
+                  pregather: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, g, a, o, xs): the output and what the backward reads (g, xs empty where absent)."""
+    ops, plan = OPS[ops_name], _plan(plan_tensors, x_TD.shape[0], w1_EDF.shape[0], block_rows)
+    xs_ND = ops.gather(x_TD, plan) if pregather else None
+    h_NF, g_NF, a_NF = ops.up(xs_ND if pregather else x_TD, None if pregather else plan.token_N, plan, w1_EDF, w3_EDF)
+    o_ND = ops.rows(a_NF, w2_EFD, plan)
+    y_TD = ops.combine(o_ND, plan, weight_A)
+    return y_TD, h_NF, _or_empty(g_NF, h_NF), a_NF, o_ND, _or_empty(xs_ND, x_TD)
+
+
+@fused_forward.register_fake
+def _(x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather):
+    (N,), (T, D), Fh = plan_tensors[_PLAN_TENSORS.index("assign_N")].shape, x_TD.shape, w1_EDF.shape[-1]
+    h_NF = x_TD.new_empty(N, Fh)
+    return (x_TD.new_empty(T, D), h_NF, h_NF.new_empty(N if w3_EDF is not None else 0, Fh), x_TD.new_empty(N, Fh),
+            x_TD.new_empty(N, D), x_TD.new_empty(N if pregather else 0, D))
+
+
+@torch.library.custom_op("moe_core::fused_backward", mutates_args=())
+def fused_backward(dy_TD: Tensor, x_src: Tensor, weight_A: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None,
+                   w2_EFD: Tensor, h_NF: Tensor, g_NF: Tensor, a_NF: Tensor, o_ND: Tensor, plan_tensors: list[Tensor],
+                   block_rows: int, ops_name: str, pregather: bool,
+                   needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dW1, dW3, dW2), each empty unless ``needs`` asks for it. ``x_src`` is xs when
+    pregathered, else x."""
+    ops, plan = OPS[ops_name], _plan(plan_tensors, dy_TD.shape[0], w1_EDF.shape[0], block_rows)
+    g_NF = g_NF if w3_EDF is not None else None
+    weight_N = weight_A[plan.assign_N]
+    x_idx = None if pregather else plan.token_N
+    if pregather:  # dys = weight * dy[token], gathered once for the two GEMMs that read it
+        dy_src, dy_idx, dy_scale = ops.gather(dy_TD, plan, weight_N), None, None
+    else:
+        dy_src, dy_idx, dy_scale = dy_TD, plan.token_N, weight_N
+    dh_NF, dg_NF = ops.act_grad(dy_src, dy_idx, dy_scale, plan, w2_EFD.transpose(1, 2), h_NF, g_NF)
+    grads = [None] * 5
+    if needs[0]:
+        w3t = w3_EDF.transpose(1, 2) if w3_EDF is not None else None
+        grads[0] = ops.combine(ops.rows(dh_NF, w1_EDF.transpose(1, 2), plan, dg_NF, w3t), plan)
+    if needs[1]:
+        grads[1] = ops.row_dot(dy_TD, o_ND, plan, weight_A.dtype)
+    if needs[2]:
+        grads[2] = ops.tn(x_src, x_idx, dh_NF, None, None, plan)
+    if needs[3] and w3_EDF is not None:
+        grads[3] = ops.tn(x_src, x_idx, dg_NF, None, None, plan)
+    if needs[4]:
+        grads[4] = ops.tn(a_NF, None, dy_src, dy_idx, dy_scale, plan)
+    return tuple(_or_empty(g, dy_TD) for g in grads)
+
+
+@fused_backward.register_fake
+def _(dy_TD, x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND, plan_tensors, block_rows, ops_name,
+      pregather, needs):
+    like = (dy_TD, weight_A, w1_EDF, w3_EDF, w2_EFD)
+    return tuple(t.new_empty(t.shape) if need and t is not None else dy_TD.new_empty(0) for t, need in zip(like, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather = inputs
+    _, h_NF, g_NF, a_NF, o_ND, xs_ND = output
+    ctx.save_for_backward(xs_ND if pregather else x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND,
+                          *plan_tensors)
+    ctx.meta = (block_rows, ops_name, pregather)
+
+
+def _backward(ctx, dy_TD, *_):
+    """Only y's gradient matters: the other outputs are the backward's inputs."""
+    x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND, *plan_tensors = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = fused_backward(dy_TD.contiguous(), x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND,
+                           plan_tensors, *ctx.meta, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), [None] * len(plan_tensors), None, None, None)
+
+
+fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def compute_dtype(x_TD: torch.Tensor) -> torch.dtype:
@@ -84,11 +147,13 @@ def compute_dtype(x_TD: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
 
 
-def run_fused(x_TD: torch.Tensor, routing, experts, ops=None) -> torch.Tensor:
-    """The ``fused`` dispatch backend (``ops`` forces an executor: ``ops_torch`` or ``ops_triton``)."""
+def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> torch.Tensor:
+    """The ``fused`` dispatch backend (``ops`` forces an executor: ``ops_torch`` or ``ops_triton``;
+    ``pregather=False`` fuses the gathers into the GEMMs' loads instead)."""
     dtype = compute_dtype(x_TD)
     ops = ops or kernel_ops(x_TD.device, dtype)
     plan = make_plan(routing, ops.BLOCK_ROWS)
     w3_EDF = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
-    return _apply(x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF,
-                  experts.w2_EFD.to(dtype), plan, ops)
+    return fused_forward(x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF,
+                         experts.w2_EFD.to(dtype), [getattr(plan, name) for name in _PLAN_TENSORS], ops.BLOCK_ROWS,
+                         ops.__name__.rsplit(".", 1)[-1], pregather)[0]

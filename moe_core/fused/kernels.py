@@ -1,6 +1,7 @@
-"""Triton kernels of the fused MoE backend: grouped GEMMs over expert-sorted rows with the token
-gather fused into their loads, activation epilogues, and the weighted combine as a per-token sum in a
-fixed order (no atomics anywhere, so every result is bitwise reproducible).
+"""Triton kernels of the fused MoE backend: grouped GEMMs over expert-sorted rows (reading rows gathered
+once by ``gather_kernel``, or with the token gather fused into their loads: ``GATHER``), activation
+epilogues, and the weighted combine as a per-token sum in a fixed order (no atomics anywhere, so every
+result is bitwise reproducible).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (A of them; the
 kept assignments first, sorted by expert; rows past the kept ones are never read). ``BM``/``BN``/``BK``
@@ -52,13 +53,16 @@ def _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN: t
 @triton.jit
 def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
               E, D, F, sw_e, sw_k, sw_n,
-              SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+              GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); a = gelu(h), or silu(g) * h. Stores h, g, a."""
+    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); a = gelu(h), or silu(g) * h. Stores h, g, a.
+    Without GATHER, x holds the rows already gathered (x[n] for row n)."""
     e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
     if e >= E:
         return
-    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    token = rows
+    if GATHER:
+        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
     acc_h = tl.zeros((BM, BN), dtype=ACC)
     acc_g = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, D, BK):
@@ -110,14 +114,17 @@ def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_r
 @triton.jit
 def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr, dg_ptr,
                     tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n,
-                    SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """da = weight[n] * dy[token[n]] @ W2[e]^T (the gather fused into the loads, the gate weight into
-    the epilogue), then the activation's backward from the stored h (and g): dh (and dg)."""
+    the epilogue), then the activation's backward from the stored h (and g): dh (and dg). Without
+    GATHER, dy holds the rows already gathered and weighted (weight[n] * dy[token[n]] for row n)."""
     e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
     if e >= E:
         return
-    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    token = rows
+    if GATHER:
+        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
     acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
@@ -126,7 +133,9 @@ def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr,
         w = tl.load(w2_ptr + e * sw_e + ks[:, None] * sw_k + cols[None, :] * sw_n,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=PREC)
-    da = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    da = acc
+    if GATHER:
+        da = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     out = rows[:, None] * F + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     h = tl.load(h_ptr + out, mask=ok, other=0.0).to(ACC)
@@ -174,6 +183,22 @@ def tn_kernel(left_ptr, left_idx_ptr, right_ptr, right_idx_ptr, scale_ptr, out_p
         acc = tl.dot(tl.trans(left), right, acc, input_precision=PREC)
     tl.store(out_ptr + e * I * J + i_s[:, None] * J + j_s[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=i_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def gather_kernel(src_ptr, token_ptr, scale_ptr, out_ptr, ends_ptr, E, D,
+                  SCALE: tl.constexpr, ACC: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """out[n] = src[token[n]] (times scale[n]) for the kept rows n < ends[E - 1]: one pass that lets the
+    GEMMs read plain rows. Scaled in ACC and rounded once."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    row_ok = rows < tl.load(ends_ptr + E - 1)
+    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    ds = tl.program_id(1) * BD + tl.arange(0, BD)
+    ok = row_ok[:, None] & (ds < D)[None, :]
+    value = tl.load(src_ptr + token[:, None] * D + ds[None, :], mask=ok, other=0.0)
+    if SCALE:
+        value = value.to(ACC) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    tl.store(out_ptr + rows[:, None] * D + ds[None, :], value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -30,13 +30,29 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def up(x_TD, plan: FusedPlan, w1_EDF, w3_EDF):
+def _rows(src, token_N, s: int, t: int):
+    """Rows s..t of the plan read from ``src``: src[token_N[n]], or src[n] when token_N is None."""
+    return src[token_N[s:t]] if token_N is not None else src[s:t]
+
+
+def gather(src_TD, plan: FusedPlan, scale_N=None):
+    """out[n] = src[token[n]] (times scale[n]) for the kept rows; the rest stay zero."""
+    out_ND = src_TD.new_zeros(plan.assign_N.numel(), src_TD.shape[1])
+    kept = int(plan.ends_E[-1])
+    value = src_TD[plan.token_N[:kept]]
+    if scale_N is not None:
+        value = value.to(_acc(src_TD.dtype)) * scale_N[:kept, None].to(_acc(src_TD.dtype))
+    out_ND[:kept] = value
+    return out_ND
+
+
+def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF):
     """(h, g or None, a) of every kept row: h = x W1, g = x W3, a = gelu(h) or silu(g) * h."""
     N, Fh = plan.assign_N.numel(), w1_EDF.shape[-1]
-    h_NF, a_NF = x_TD.new_zeros(N, Fh), x_TD.new_zeros(N, Fh)
-    g_NF = x_TD.new_zeros(N, Fh) if w3_EDF is not None else None
+    h_NF, a_NF = x.new_zeros(N, Fh), x.new_zeros(N, Fh)
+    g_NF = x.new_zeros(N, Fh) if w3_EDF is not None else None
     for e, s, t in _segments(plan):
-        x_RD = x_TD[plan.token_N[s:t]]
+        x_RD = _rows(x, token_N, s, t)
         h_NF[s:t] = x_RD @ w1_EDF[e]
         if g_NF is None:
             a_NF[s:t] = F.gelu(h_NF[s:t])
@@ -56,13 +72,16 @@ def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
     return out_NJ
 
 
-def act_grad(dy_TD, plan: FusedPlan, weight_N, w2t_EDF, h_NF, g_NF):
-    """(dh, dg or None): da = weight * dy[token] W2^T through the activation's derivative."""
+def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF):
+    """(dh, dg or None): da = weight * dy[token] W2^T through the activation's derivative (da = dy W2^T
+    when token_N and weight_N are None: dy's rows are gathered and weighted already)."""
     dh_NF = torch.zeros_like(h_NF)
     dg_NF = torch.zeros_like(g_NF) if g_NF is not None else None
     acc = _acc(h_NF.dtype)
     for e, s, t in _segments(plan):
-        da = (dy_TD[plan.token_N[s:t]] @ w2t_EDF[e]).to(acc) * weight_N[s:t, None].to(acc)
+        da = (_rows(dy, token_N, s, t) @ w2t_EDF[e]).to(acc)
+        if weight_N is not None:
+            da = da * weight_N[s:t, None].to(acc)
         h = h_NF[s:t].to(acc)
         if g_NF is None:
             gelu_grad = 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
@@ -79,8 +98,7 @@ def tn(left, left_idx_N, right, right_idx_N, scale_N, plan: FusedPlan):
     """out[e] = sum over expert e's rows n of left[l(n)]^T (scale[n] * right[r(n)]): weight gradients."""
     out_EIJ = left.new_zeros(plan.num_experts, left.shape[-1], right.shape[-1])
     for e, s, t in _segments(plan):
-        left_RI = left[left_idx_N[s:t]] if left_idx_N is not None else left[s:t]
-        right_RJ = right[right_idx_N[s:t]] if right_idx_N is not None else right[s:t]
+        left_RI, right_RJ = _rows(left, left_idx_N, s, t), _rows(right, right_idx_N, s, t)
         if scale_N is not None:
             right_RJ = (right_RJ * scale_N[s:t, None]).to(right.dtype)
         out_EIJ[e] = left_RI.t() @ right_RJ

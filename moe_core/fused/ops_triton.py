@@ -54,8 +54,8 @@ def _tuned(kernel, configs, key):
 
 
 _LAUNCHERS = {  # the autotune keys: sizes, and the variant (an epilogue of two tiles wants narrower ones)
-    "_UP": (kernels.up_kernel, ["D", "F", "SWIGLU"]), "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO"]),
-    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "SWIGLU"]),
+    "_UP": (kernels.up_kernel, ["D", "F", "GATHER", "SWIGLU"]), "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO"]),
+    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "GATHER", "SWIGLU"]),
     "_TN": (kernels.tn_kernel, ["I", "J", "GATHER_LEFT", "GATHER_RIGHT", "SCALE"])}
 _UP, _ROWS, _ACT_GRAD, _TN = (_tuned(kernel, _TN_CONFIGS if name == "_TN" else _GEMM_CONFIGS, key)
                               for name, (kernel, key) in _LAUNCHERS.items())
@@ -96,15 +96,25 @@ def _tile_args(plan: FusedPlan) -> tuple:
     return plan.tile_expert_M, plan.tile_row_M, plan.ends_E
 
 
-def up(x_TD, plan: FusedPlan, w1_EDF, w3_EDF):
+def gather(src_TD, plan: FusedPlan, scale_N=None):
+    N, D = plan.assign_N.numel(), src_TD.shape[1]
+    out_ND = src_TD.new_empty(N, D)
+    block_r, block_d = 16, _block(D, 512)
+    kernels.gather_kernel[(triton.cdiv(N, block_r), triton.cdiv(D, block_d))](
+        src_TD, plan.token_N, scale_N if scale_N is not None else src_TD, out_ND, plan.ends_E, plan.num_experts, D,
+        SCALE=scale_N is not None, ACC=_types(src_TD.dtype)["ACC"], BR=block_r, BD=block_d)
+    return out_ND
+
+
+def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF):
     N, (E, D, Fh) = plan.assign_N.numel(), w1_EDF.shape
-    h_NF, a_NF = x_TD.new_empty(N, Fh), x_TD.new_empty(N, Fh)
-    g_NF = x_TD.new_empty(N, Fh) if w3_EDF is not None else None
+    h_NF, a_NF = x.new_empty(N, Fh), x.new_empty(N, Fh)
+    g_NF = x.new_empty(N, Fh) if w3_EDF is not None else None
     swiglu = w3_EDF is not None
     assert not swiglu or w3_EDF.stride() == w1_EDF.stride(), "w1 and w3 must share strides"
-    _grouped(_UP, plan, Fh, x_TD, plan.token_N, w1_EDF, w3_EDF if swiglu else w1_EDF, h_NF,
-             g_NF if swiglu else h_NF, a_NF, *_tile_args(plan), E, D, Fh, *w1_EDF.stride(),
-             SWIGLU=swiglu, **_types(x_TD.dtype))
+    _grouped(_UP, plan, Fh, x, token_N if token_N is not None else plan.token_N, w1_EDF,
+             w3_EDF if swiglu else w1_EDF, h_NF, g_NF if swiglu else h_NF, a_NF, *_tile_args(plan), E, D, Fh,
+             *w1_EDF.stride(), GATHER=token_N is not None, SWIGLU=swiglu, **_types(x.dtype))
     return h_NF, g_NF, a_NF
 
 
@@ -117,14 +127,14 @@ def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
     return out_NJ
 
 
-def act_grad(dy_TD, plan: FusedPlan, weight_N, w2t_EDF, h_NF, g_NF):
+def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF):
     E, D, Fh = w2t_EDF.shape
-    swiglu = g_NF is not None
+    swiglu, gathered = g_NF is not None, token_N is not None
     dh_NF = torch.empty_like(h_NF)
     dg_NF = torch.empty_like(g_NF) if swiglu else None
-    _grouped(_ACT_GRAD, plan, Fh, dy_TD, plan.token_N, weight_N, w2t_EDF, h_NF, g_NF if swiglu else h_NF, dh_NF,
-             dg_NF if swiglu else dh_NF, *_tile_args(plan), E, D, Fh, *w2t_EDF.stride(), SWIGLU=swiglu,
-             **_types(h_NF.dtype))
+    _grouped(_ACT_GRAD, plan, Fh, dy, token_N if gathered else plan.token_N, weight_N if gathered else h_NF,
+             w2t_EDF, h_NF, g_NF if swiglu else h_NF, dh_NF, dg_NF if swiglu else dh_NF, *_tile_args(plan), E, D, Fh,
+             *w2t_EDF.stride(), GATHER=gathered, SWIGLU=swiglu, **_types(h_NF.dtype))
     return dh_NF, dg_NF
 
 
