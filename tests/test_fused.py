@@ -206,6 +206,20 @@ def test_fused_cuda_bf16_at_bench_shapes_matches_grouped_and_is_deterministic(ac
         assert rel_err(a, b) < 2e-2, f"{rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("router,cf", [("softk", 0.75), ("expert_choice", 1.0), ("topk_hard", None)])
+def test_fused_dispatch_combine_equals_the_loop_backend_with_identity_experts(router, cf):
+    """The capacity bench's dispatch cell for fused (its gather and combine kernels, no GEMMs) moves
+    the same rows as the loop backend with identity experts, dropped assignments included."""
+    from moe_core.bench.capacity import IdentityExperts
+    from moe_core.fused import dispatch_combine
+    layer, x, _ = fused_layer(router, cf, "gelu", T=40, D=40)
+    with torch.no_grad():
+        routing, _, _ = layer.router(x, None)
+        want = BACKEND_FNS["loop"](x, routing, IdentityExperts())
+        torch.testing.assert_close(dispatch_combine(x, routing), want, rtol=1e-6, atol=1e-6)
+    assert router != "softk" or not bool(routing.keep_A.all()), "CF 0.75 must drop"
+
+
 # -- the layer bench's fused and liger columns ----------------------------------------------------------------
 def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, capsys):
     shape = {"tokens": 32, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2, "activation": "swiglu",
@@ -224,7 +238,7 @@ def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, caps
      "LayerBenchConfig.shapes: each shape maps"),
     ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1,
                                       "activation": "relu"}]}, "LayerBenchConfig.activation: unknown 'relu'"),
-    ("CapacityBenchConfig", {"backend": "fused"}, "CapacityBenchConfig.backend: fused has no dispatch apart"),
+    ("CapacityBenchConfig", {"backend": "fuse"}, "CapacityBenchConfig.backend: unknown 'fuse'"),
     ("CapacityBenchConfig", {"host_ahead": "yes"}, "CapacityBenchConfig.host_ahead: must be true or false, got 'yes'"),
 ])
 def test_bench_configs_name_the_bad_field(config, kwargs, message):
@@ -259,9 +273,12 @@ def test_tile_bench_gemms_have_the_fused_shapes_and_count_kept_rows(activation):
     assert 0 < kept < 64 * 2  # CF 1 drops some
     products = 2 if activation == "swiglu" else 1
     want = {"up": products, "down": 1, "act_grad": 1, "dx": products, "dw1": 1, "dw2": 1}
-    want.update({f"{name}_pre": want[name] for name in ("up", "act_grad", "dw1", "dw2")}, gather_x=0, gather_dy=0)
+    want.update({f"{name}_pre": want[name] for name in ("up", "act_grad", "dw1", "dw2")}, gather_x=0, gather_dy=0,
+                up_gemm_only=1, act_grad_gemm_only=1)
     assert {name: flops / (2 * kept * 32 * 24) for name, (_, flops) in calls.items()} == want
-    assert {step for steps in fused_tiles.STEPS.values() for step in steps} == set(want)
+    steps = {step for steps in fused_tiles.STEPS.values() for step in steps}
+    assert steps == set(want) - {"up_gemm_only", "act_grad_gemm_only"}
+    assert calls["up_gemm_only"][0]().shape == calls["act_grad_gemm_only"][0]().shape == (64 * 2, 24)
     for name in ("dw1", "dw1_pre"):
         assert calls[name][0]().shape == (4, 32, 24) and calls[name.replace("1", "2")][0]().shape == (4, 24, 32)
     assert calls["down"][0]().shape == calls["dx"][0]().shape == calls["gather_dy"][0]().shape == (64 * 2, 32)

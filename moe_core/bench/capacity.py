@@ -17,6 +17,7 @@ import torch
 
 from ..config import MoEConfig, cf_label
 from ..dispatch import BACKEND_FNS, buffer_capacity
+from ..fused import dispatch_combine
 from ..moe import MoEFeedForward
 from ..routing import Routing, capacity_for
 from .configs import CapacityBenchConfig
@@ -28,7 +29,7 @@ from .timing import copy_bandwidth, fwd_bwd, grad_inputs, guarded, host_enqueue_
 # -- traffic model ----------------------------------------------------------------------------------
 def buffer_rows(routing: Routing, backend: str) -> int:
     """R: rows a backend moves into its expert buffer (padded/einsum [E, C, D], grouped: every
-    assignment sorted by expert, loop: the kept assignments)."""
+    assignment sorted by expert, loop and fused: the kept assignments)."""
     if backend in ("padded", "einsum"):
         return routing.num_experts * buffer_capacity(routing)
     if backend == "grouped":
@@ -62,6 +63,10 @@ class IdentityExperts:
         return x_ND
 
 
+# fused reads its expert weights inside its kernels: its dispatch cell is its gather and combine alone
+DISPATCH_FNS = {"fused": dispatch_combine}
+
+
 # -- the bench --------------------------------------------------------------------------------------
 def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.Tensor,
                    xs: list[tuple[torch.Tensor, torch.Tensor]], copy_bps: float) -> dict:
@@ -77,7 +82,7 @@ def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.T
     def measure() -> dict:
         routings = [routing for routing, _ in routed]
         pairs = [(x.detach(), routings[i % len(routings)]) for i, (x, _, _) in enumerate(inputs)]
-        backend, experts = BACKEND_FNS[moe.backend], IdentityExperts()
+        backend, experts = DISPATCH_FNS.get(moe.backend, BACKEND_FNS[moe.backend]), IdentityExperts()
         with torch.no_grad():
             dispatch_ms = time_median_ms(lambda p: backend(p[0], p[1], experts), pairs, dev, **cfg.timing)
         traffic = [dispatch_combine_bytes(cfg.tokens, cfg.dim, buffer_rows(r, moe.backend), x.element_size(),

@@ -62,8 +62,8 @@ TIMING = dict(warmup=5, repeats=20)
 
 def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> dict:
     """The six GEMMs as (call, FLOPs), those that read a gathered operand both ways (``_pre``: from
-    rows gathered beforehand), and the two gathers (FLOPs 0): inputs of the right shapes (values do
-    not change the time)."""
+    rows gathered beforehand), the two with activation epilogues without them (``_gemm_only``), and
+    the two gathers (FLOPs 0): inputs of the right shapes (values do not change the time)."""
     routing = layer.router(x_TD, None, x_TD.shape[0])[0]
     plan = make_plan(routing, block_rows)
     ex = layer.experts
@@ -83,6 +83,9 @@ def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> di
         "down": (lambda: ops.rows(a, w2, plan), flops),
         "act_grad": (lambda: ops.act_grad(dy, token_N, weight_N, plan, w2t, h, g), flops),
         "act_grad_pre": (lambda: ops.act_grad(dys, None, None, plan, w2t, h, g), flops),
+        # the same two GEMMs without their activation epilogues: what the epilogues cost
+        "up_gemm_only": (lambda: ops.rows(xs, w1, plan), flops),
+        "act_grad_gemm_only": (lambda: ops.rows(dys, w2t, plan), flops),
         "dx": (lambda: ops.rows(h, w1.transpose(1, 2), plan, g, w3t), products * flops),
         "dw1": (lambda: ops.tn(x_TD, token_N, h, None, None, plan), flops),
         "dw1_pre": (lambda: ops.tn(xs, None, h, None, None, plan), flops),
@@ -131,7 +134,7 @@ def measure(name: str, shape: dict, out: Path | None, autotuned: bool = False) -
         elif kind == "gemm":
             bn, bk, warps, stages = tiles
             gemm, tn, names = triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages), default_tn, \
-                ("up", "up_pre", "down", "act_grad", "act_grad_pre", "dx")
+                ("up", "up_pre", "up_gemm_only", "down", "act_grad", "act_grad_pre", "act_grad_gemm_only", "dx")
             label = f"BM{block_rows} BN{bn} BK{bk} w{warps} s{stages}"
         else:
             bi, bj, br, warps, stages = tiles

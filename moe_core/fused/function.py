@@ -127,10 +127,11 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(xs_ND if pregather else x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND,
                           *plan_tensors)
     ctx.meta = (block_rows, ops_name, pregather)
+    ctx.set_materialize_grads(False)  # the outputs past y get no gradient: no zero tensors filled for them
 
 
 def _backward(ctx, dy_TD, *_):
-    """Only y's gradient matters: the other outputs are the backward's inputs."""
+    """Only y's gradient matters (the caller sees y alone): the other outputs are the backward's inputs."""
     x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND, *plan_tensors = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = fused_backward(dy_TD.contiguous(), x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND,
@@ -145,6 +146,14 @@ def compute_dtype(x_TD: torch.Tensor) -> torch.dtype:
     """The dtype the experts compute in: autocast's where it is on, else the input's."""
     device = x_TD.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+
+
+def dispatch_combine(x_TD: torch.Tensor, routing, experts=None) -> torch.Tensor:
+    """The fused backend's data movement alone, as if every expert were the identity: the plan, the
+    gather of the kept rows and the weighted combine (the capacity bench's dispatch cell)."""
+    ops = kernel_ops(x_TD.device, x_TD.dtype)
+    plan = make_plan(routing, ops.BLOCK_ROWS)
+    return ops.combine(ops.gather(x_TD.contiguous(), plan), plan, routing.weight_A)
 
 
 def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> torch.Tensor:
