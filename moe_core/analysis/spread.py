@@ -17,7 +17,8 @@ CELLS = {"capacity": ["source", "num_experts", "top_k", "cf_label"],
          "layer": ["tokens", "dim", "hidden", "num_experts", "top_k", "capacity_factor", "activation", "backend",
                    "compile_mode"]}
 TIMED = {"capacity": ["dispatch_ms", "layer_ms"], "layer": ["moe_ms", "dense_ms", "moe_over_dense"]}
-HOST = {"layer_ms": "layer_host_ms"}  # a timed column, and the host's time to issue the same call
+# a timed column, and the host's time to issue the same call
+HOST = {"layer_ms": "layer_host_ms", "dispatch_ms": "dispatch_host_ms"}
 QUANTILES = 4  # cells split by their mean time into this many equal-count bins
 
 

@@ -83,8 +83,11 @@ def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.T
         routings = [routing for routing, _ in routed]
         pairs = [(x.detach(), routings[i % len(routings)]) for i, (x, _, _) in enumerate(inputs)]
         backend, experts = DISPATCH_FNS.get(moe.backend, BACKEND_FNS[moe.backend]), IdentityExperts()
+        def dispatch(p):
+            return backend(p[0], p[1], experts)
         with torch.no_grad():
-            dispatch_ms = time_median_ms(lambda p: backend(p[0], p[1], experts), pairs, dev, **cfg.timing)
+            dispatch_ms = time_median_ms(dispatch, pairs, dev, **cfg.timing, host_ahead=cfg.host_ahead)
+            dispatch_host_ms = host_enqueue_ms(dispatch, pairs, dev)
         traffic = [dispatch_combine_bytes(cfg.tokens, cfg.dim, buffer_rows(r, moe.backend), x.element_size(),
                                           routing_bytes(r)) for x, r in pairs]
         with dev:  # initialised on the device: a CPU randn of E*D*F weights per cell would dominate
@@ -98,7 +101,7 @@ def _capacity_cell(cfg: CapacityBenchConfig, moe: MoEConfig, logits_NTE: torch.T
         layer_ms = time_median_ms(layer_step, inputs, dev, **cfg.timing, host_ahead=cfg.host_ahead)
         layer_host_ms = host_enqueue_ms(layer_step, inputs, dev)
         bytes_moved = sum(traffic) / len(traffic)
-        return {"dispatch_ms": dispatch_ms, "dispatch_bytes": bytes_moved,
+        return {"dispatch_ms": dispatch_ms, "dispatch_host_ms": dispatch_host_ms, "dispatch_bytes": bytes_moved,
                 "dispatch_gbps": bytes_moved / dispatch_ms / 1e6,
                 "dispatch_bw_frac": bytes_moved / (dispatch_ms / 1e3) / copy_bps,
                 "dispatch_tokens_per_s": cfg.tokens / (dispatch_ms / 1e3),

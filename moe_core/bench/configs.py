@@ -103,7 +103,7 @@ class CapacityBenchConfig(BenchConfig):
     checkpoint: str | None = None  # path for a bare "checkpoint" source
     router: str = "softk"
     backend: str = "padded"
-    host_ahead: bool = True  # time the layer on the device's own clock (timing.time_median_ms)
+    host_ahead: bool = True  # time the layer and the dispatch on the device's own clock (timing.time_median_ms)
 
     SECTION = "capacity"
 
