@@ -282,7 +282,7 @@ def test_train_bench_runs_the_trainer_and_records_its_tokens_per_s(tmp_path):
         bench.TrainBenchConfig(model={"router": "nope"})
 
 
-def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path):
+def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path, capsys):
     from moe_core.analysis import spread
 
     cells = [("random", 8, 1, "1"), ("random", 8, 2, "1"), ("skewed:1", 8, 2, "1.25"), ("random", 64, 2, "1")]
@@ -305,6 +305,14 @@ def test_spread_is_the_cv_of_a_cell_over_bench_runs(tmp_path):
     rows[rows["run_id"] == "r1"].to_csv(tmp_path / "capacity.csv", index=False)
     with pytest.raises(SystemExit, match="2"):
         spread.main([str(tmp_path)])
+    (tmp_path / "other").mkdir()  # a second directory's run is pooled with the first's
+    rows[rows["run_id"] == "r2"].to_csv(tmp_path / "other" / "capacity.csv", index=False)
+    capsys.readouterr()
+    assert spread.main([str(tmp_path), str(tmp_path / "other"), "--top", "0"]) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()  # dispatch_ms over all cells, as computed above
+    assert first[:3] == ["dispatch_ms", "all", "4"] and first[7] == "2"  # n, ..., cv_le_3pct
+    with pytest.raises(SystemExit, match="2"):
+        spread.main([str(tmp_path), str(tmp_path / "none")])
 
 
 def test_host_enqueue_time_is_the_hosts_time_per_call_from_an_idle_device(monkeypatch):

@@ -3,7 +3,9 @@ runs) of every timed column, per cell, from a directory that holds several runs 
 intervals are only as narrow as this spread, so it is reported beside them; the split by the cell's
 time says whether the spread sits in the short calls (launch-bound, host jitter) or everywhere.
 
-    python -m moe_core.analysis.spread DIR [--section capacity|layer] [--top N]
+    python -m moe_core.analysis.spread DIR [DIR ...] [--section capacity|layer] [--top N]
+
+Several directories pool their runs (say, one per GPU of a host: the spread across GPUs).
 """
 from __future__ import annotations
 
@@ -62,19 +64,22 @@ def summary(cells: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_core.analysis.spread", description=__doc__.split("\n")[0])
-    parser.add_argument("dir", type=Path, help="a bench output directory with several runs of one bench")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                        help="bench output directories whose runs are pooled (two or more runs in all)")
     parser.add_argument("--section", choices=sorted(CELLS), default="capacity")
     parser.add_argument("--top", type=int, default=10, help="also list the N cells that spread most")
     args = parser.parse_args(argv)
-    path = args.dir / f"{args.section}.csv"
-    if not path.is_file():
-        parser.exit(2, f"{parser.prog}: error: {path}: no such file\n")
-    rows = pd.read_csv(path)
+    paths = [d / f"{args.section}.csv" for d in args.dirs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        parser.exit(2, f"{parser.prog}: error: {', '.join(missing)}: no such file\n")
+    rows = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    where = ", ".join(str(p) for p in paths)
     if rows["run_id"].nunique() < 2:
-        parser.exit(2, f"{parser.prog}: error: {path}: one bench run only; a spread needs two or more\n")
+        parser.exit(2, f"{parser.prog}: error: {where}: one bench run only; a spread needs two or more\n")
     cells = spread(rows, args.section)
     if cells.empty:
-        parser.exit(2, f"{parser.prog}: error: {path}: no cell was timed in two runs\n")
+        parser.exit(2, f"{parser.prog}: error: {where}: no cell was timed in two runs\n")
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(summary(cells).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print(cells.sort_values("cv", ascending=False).head(args.top).to_string(index=False,
