@@ -167,6 +167,7 @@ def test_profile_refuses_a_bad_shape_before_any_work(capsys):
     (["all", "--set", "experts_typo=[8]"], "unknown key"),
     (["layer", "--set", "backends=[fast]"], "backends"),
     (["layer", "--set", "compile_modes=[fastest]"], "compile_modes"),
+    (["layer", "--set", "dense_repeats=0"], "dense_repeats: must be an integer >= 1, got 0"),
 ])
 def test_cli_bad_arguments_fail_in_one_line_before_any_work(args, message, tmp_path, capsys):
     out = tmp_path / "out"
@@ -174,6 +175,14 @@ def test_cli_bad_arguments_fail_in_one_line_before_any_work(args, message, tmp_p
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err
     assert not out.exists()
+
+
+def test_layer_bench_dense_is_the_median_of_fresh_dense_modules(tmp_path):
+    shape = {"tokens": 64, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2}
+    cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["grouped"], warmup=1, dense_repeats=3)
+    (row,) = bench.run_layer(cfg, tmp_path).to_dict("records")
+    assert len(row["dense_ms_repeats"]) == 3 and row["dense_ms"] == sorted(row["dense_ms_repeats"])[1]
+    assert row["moe_over_dense"] == row["moe_ms"] / row["dense_ms"]
 
 
 def test_cli_small_writes_records(checkpoint, tmp_path, capsys):

@@ -163,6 +163,9 @@ class LayerBenchConfig(BenchConfig):
     # none (eager) | a torch.compile mode; the MoE layer and its dense baseline get the same mode,
     # since training runs compiled and Inductor fuses the pointwise dispatch/combine work
     compile_modes: list[str] = field(default_factory=lambda: ["none"])
+    # the dense FFN is timed this many times, each a freshly built module, and dense_ms is the median:
+    # its time moved more between timings than the MoE layer's did (BENCHMARKS.md)
+    dense_repeats: int = 1
 
     SECTION = "layer"
     SHAPE_KEYS = ("tokens", "dim", "hidden", "experts", "top_k")
@@ -180,6 +183,8 @@ class LayerBenchConfig(BenchConfig):
         valid = [*BACKEND_FNS, LIGER]
         unknown = sorted(set(self.backends) - set(valid))
         self._require(bool(self.backends) and not unknown, "backends", f"unknown {unknown}; valid: {', '.join(valid)}")
+        self._require(isinstance(self.dense_repeats, int) and self.dense_repeats >= 1, "dense_repeats",
+                      f"must be an integer >= 1, got {self.dense_repeats!r}")
         bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
         self._require(bool(self.compile_modes) and not bad_modes, "compile_modes",
                       f"unknown {bad_modes}; valid: none, {', '.join(COMPILE_MODES)}")

@@ -5,6 +5,7 @@ same router and weights where it can run; elsewhere its row says why (status "un
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -39,12 +40,11 @@ def _shape_rows(cfg: LayerBenchConfig, moe: MoEConfig, tokens: int, peak: float 
     flops = 3.0 * tokens * ffn_forward_flops_per_token(moe)  # forward + backward = 3 forwards
     dense_flops = 3.0 * tokens * ffn_forward_flops_per_token(moe, router=False)
     with dev:
-        dense = DenseFeedForward(moe.dim, moe.top_k * moe.hidden, moe.activation).to(dtype)
         layer = MoEFeedForward(moe).to(dtype)
     rows = []
     for mode in cfg.compile_modes:
-        dense_ms = guarded(lambda: {"ms": time_median_ms(fwd_bwd(compiled(dense, mode)), inputs, dev, **cfg.timing)}
-                           ).get("ms", math.nan)
+        dense_all = [_time_dense(cfg, moe, mode, inputs) for _ in range(cfg.dense_repeats)]
+        dense_ms = statistics.median(dense_all)
         for backend in cfg.backends:
             result = _time_backend(cfg, layer, backend, mode, inputs)
             moe_ms = result.get("moe_ms", math.nan)
@@ -52,12 +52,21 @@ def _shape_rows(cfg: LayerBenchConfig, moe: MoEConfig, tokens: int, peak: float 
                          "num_experts": moe.num_experts, "top_k": moe.top_k, "capacity_factor": moe.capacity_factor,
                          "activation": moe.activation, "router": cfg.router, "backend": backend, "compile_mode": mode,
                          "status": result["status"], "note": result.get("note"),
-                         "moe_ms": moe_ms, "dense_ms": dense_ms, "moe_over_dense": moe_ms / dense_ms,
+                         "moe_ms": moe_ms, "dense_ms": dense_ms, "dense_ms_repeats": dense_all,
+                         "moe_over_dense": moe_ms / dense_ms,
                          "moe_tokens_per_s": tokens / (moe_ms / 1e3), "dense_tokens_per_s": tokens / (dense_ms / 1e3),
                          "moe_train_flops": flops, "dense_train_flops": dense_flops,
                          "moe_mfu": flops / (moe_ms / 1e3) / peak if peak else None,
                          "dense_mfu": dense_flops / (dense_ms / 1e3) / peak if peak else None})
     return rows
+
+
+def _time_dense(cfg: LayerBenchConfig, moe: MoEConfig, mode: str, inputs: list) -> float:
+    """Milliseconds of a freshly built dense FFN of hidden K*F (NaN where it fails)."""
+    with cfg.torch_device:
+        dense = DenseFeedForward(moe.dim, moe.top_k * moe.hidden, moe.activation).to(cfg.torch_dtype)
+    return guarded(lambda: {"ms": time_median_ms(fwd_bwd(compiled(dense, mode)), inputs, cfg.torch_device,
+                                                 **cfg.timing)}).get("ms", math.nan)
 
 
 def _time_backend(cfg: LayerBenchConfig, layer: MoEFeedForward, backend: str, mode: str, inputs: list) -> dict:
