@@ -132,10 +132,23 @@ def test_fused_is_bitwise_deterministic_and_a_dropped_token_leaves_as_zero(activ
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_fused_under_torch_compile_is_one_graph_and_equals_eager(device):
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_fused_under_torch_compile_is_one_graph_and_equals_eager(device, activation):
     """The fused steps are custom ops: torch.compile keeps the whole layer in one graph (fullgraph
-    raises on a graph break), forward and backward, with the eager results."""
-    layer, x, _ = fused_layer("softk", 1.25, "swiglu", T=24, D=16, F=24, device=device)
+    raises on a graph break), forward and backward, with the eager results; the op's stand-in outputs
+    (GELU has no g) match the real ones (torch.library.opcheck, both ops)."""
+    from moe_core.fused import function
+    layer, x, _ = fused_layer("softk", 1.25, activation, T=24, D=16, F=24, device=device)
+    routing = layer.router(x, None)[0]
+    for pregather in (True, False):
+        args = function.op_args(x.clone().requires_grad_(True), routing, layer.experts, None, pregather)
+        torch.library.opcheck(function.fused_forward, args)
+        x_TD, weight_A, w1, w3, w2, plan_tensors, block_rows, ops_name, _ = args
+        y, h, g, a, o, xs = (t.detach() for t in function.fused_forward(*args))
+        weights = [w.detach() if w is not None else None for w in (weight_A, w1, w3, w2)]  # no double backward
+        torch.library.opcheck(function.fused_backward, (torch.randn_like(y), xs if pregather else x_TD.detach(),
+                                                        *weights, h, g, a, o, plan_tensors, block_rows, ops_name,
+                                                        pregather, [True, True, True, w3 is not None, True]))
     layer.backend = "fused"
     eager = outputs_and_grads(layer, x, lambda v: layer(v)[0])
     torch._dynamo.reset()

@@ -78,9 +78,8 @@ def fused_forward(x_TD: Tensor, weight_A: Tensor, w1_EDF: Tensor, w3_EDF: Tensor
 @fused_forward.register_fake
 def _(x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather):
     (N,), (T, D), Fh = plan_tensors[_PLAN_TENSORS.index("assign_N")].shape, x_TD.shape, w1_EDF.shape[-1]
-    h_NF = x_TD.new_empty(N, Fh)
-    return (x_TD.new_empty(T, D), h_NF, h_NF.new_empty(N if w3_EDF is not None else 0, Fh), x_TD.new_empty(N, Fh),
-            x_TD.new_empty(N, D), x_TD.new_empty(N if pregather else 0, D))
+    return (x_TD.new_empty(T, D), x_TD.new_empty(N, Fh), x_TD.new_empty((N, Fh) if w3_EDF is not None else 0),
+            x_TD.new_empty(N, Fh), x_TD.new_empty(N, D), x_TD.new_empty((N, D) if pregather else 0))
 
 
 @torch.library.custom_op("moe_core::fused_backward", mutates_args=())
@@ -156,13 +155,18 @@ def dispatch_combine(x_TD: torch.Tensor, routing, experts=None) -> torch.Tensor:
     return ops.combine(ops.gather(x_TD.contiguous(), plan), plan, routing.weight_A)
 
 
-def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> torch.Tensor:
-    """The ``fused`` dispatch backend (``ops`` forces an executor: ``ops_torch`` or ``ops_triton``;
-    ``pregather=False`` fuses the gathers into the GEMMs' loads instead)."""
+def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> tuple:
+    """``fused_forward``'s arguments for this layer call: the compute dtype's tensors and the plan."""
     dtype = compute_dtype(x_TD)
     ops = ops or kernel_ops(x_TD.device, dtype)
     plan = make_plan(routing, ops.BLOCK_ROWS)
     w3_EDF = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
-    return fused_forward(x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF,
-                         experts.w2_EFD.to(dtype), [getattr(plan, name) for name in _PLAN_TENSORS], ops.BLOCK_ROWS,
-                         ops.__name__.rsplit(".", 1)[-1], pregather)[0]
+    return (x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF, experts.w2_EFD.to(dtype),
+            [getattr(plan, name) for name in _PLAN_TENSORS], ops.BLOCK_ROWS, ops.__name__.rsplit(".", 1)[-1],
+            pregather)
+
+
+def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> torch.Tensor:
+    """The ``fused`` dispatch backend (``ops`` forces an executor: ``ops_torch`` or ``ops_triton``;
+    ``pregather=False`` fuses the gathers into the GEMMs' loads instead)."""
+    return fused_forward(*op_args(x_TD, routing, experts, ops, pregather))[0]
