@@ -306,6 +306,16 @@ def test_tile_bench_without_cuda_says_so_in_one_line(capsys):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_tile_bench_autotuned_tiles_are_the_autotune_lists():
+    from moe_core.bench import fused_tiles
+    from moe_core.fused import ops_triton
+    gemm, tn = fused_tiles.autotuned_tiles()
+    assert len(gemm) == len(ops_triton._GEMM_CONFIGS) and len(tn) == len(ops_triton._TN_CONFIGS)
+    # in the bench's own tuple order: every autotuned tile is one of the bench's full list
+    assert set(gemm) <= set(fused_tiles.GEMM_TILES) and set(tn) <= set(fused_tiles.TN_TILES)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_autotune_prunes_wide_tiles_for_small_problems_and_four_byte_operands():
     import triton
 
