@@ -47,8 +47,13 @@ def with_backend(layer, ids, fn):
     return forward
 
 
-def fused_with(ops, pregather=True):
-    return lambda x, routing, experts: run_fused(x, routing, experts, ops, pregather)
+# How the backend can run: (pregather, epilogue): the gathers once before the GEMMs or in their loads;
+# the activation (and its gradient) in the GEMMs' epilogues or in passes of their own.
+WAYS = [(True, True), (True, False), (False, True), (False, False)]
+
+
+def fused_with(ops, pregather=True, epilogue=True):
+    return lambda x, routing, experts: run_fused(x, routing, experts, ops, pregather, epilogue)
 
 
 def assert_all_close(got, want, rtol, atol, label):
@@ -70,17 +75,18 @@ def test_cpu_runs_the_triton_kernels_interpreted():
 def test_kernels_match_reference_float64(router, cf, activation):
     """The interpreted kernels, the PyTorch statement and the loop backend equal the per-token
     reference in float64 (outputs and every gradient), and each other to float64 rounding; with the
-    gathers done once before the GEMMs (the default) or inside their loads."""
+    gathers done once before the GEMMs (the default) or inside their loads, the activation in the GEMMs'
+    epilogues or apart."""
     layer, x, ids = fused_layer(router, cf, activation, dtype=torch.float64)
     if cf is not None and router != "expert_choice":
         assert layer(x, ids)[1].drop_rate > 0, "the case must drop something"
     want = outputs_and_grads(layer, x, lambda v: reference_forward(layer, v, ids))
     loop = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["loop"]))
     for label, ops in (("kernels", kernel_ops(x.device, x.dtype)), ("torch", ops_torch)):
-        for pregather in (True, False):
-            got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops, pregather)))
-            assert_all_close(got, want, 1e-5, 1e-5, f"{label} pregather={pregather}")  # float32 gates
-            assert_all_close(got, loop, 1e-12, 1e-12, f"{label} pregather={pregather}")
+        for way in WAYS:
+            got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops, *way)))
+            assert_all_close(got, want, 1e-5, 1e-5, f"{label} (pregather, epilogue)={way}")  # float32 gates
+            assert_all_close(got, loop, 1e-12, 1e-12, f"{label} (pregather, epilogue)={way}")
 
 
 @needs_interpreter
@@ -140,15 +146,16 @@ def test_fused_under_torch_compile_is_one_graph_and_equals_eager(device, activat
     from moe_core.fused import function
     layer, x, _ = fused_layer("softk", 1.25, activation, T=24, D=16, F=24, device=device)
     routing = layer.router(x, None)[0]
-    for pregather in (True, False):
-        args = function.op_args(x.clone().requires_grad_(True), routing, layer.experts, None, pregather)
+    for pregather, epilogue in WAYS:
+        args = function.op_args(x.clone().requires_grad_(True), routing, layer.experts, None, pregather, epilogue)
         torch.library.opcheck(function.fused_forward, args)
-        x_TD, weight_A, w1, w3, w2, plan_tensors, block_rows, ops_name, _ = args
+        x_TD, weight_A, w1, w3, w2, plan_tensors, block_rows, ops_name, _, _ = args
         y, h, g, a, o, xs = (t.detach() for t in function.fused_forward(*args))
         weights = [w.detach() if w is not None else None for w in (weight_A, w1, w3, w2)]  # no double backward
         torch.library.opcheck(function.fused_backward, (torch.randn_like(y), xs if pregather else x_TD.detach(),
                                                         *weights, h, g, a, o, plan_tensors, block_rows, ops_name,
-                                                        pregather, [True, True, True, w3 is not None, True]))
+                                                        pregather, epilogue,
+                                                        [True, True, True, w3 is not None, True]))
     layer.backend = "fused"
     eager = outputs_and_grads(layer, x, lambda v: layer(v)[0])
     torch._dynamo.reset()
@@ -164,14 +171,14 @@ def rel_err(a, b):
 @needs_cuda
 @pytest.mark.parametrize("router,cf,activation", CASES)
 def test_fused_cuda_float32_matches_loop(router, cf, activation):
-    """Both ways of gathering: once before the GEMMs (the default) and in their loads."""
+    """Every way: the gathers once before the GEMMs or in their loads, the activation in the epilogues or apart."""
     layer, x, ids = fused_layer(router, cf, activation, T=1024, D=256, F=384, E=8, device="cuda")
     want = outputs_and_grads(layer, x, with_backend(layer, ids, BACKEND_FNS["loop"]))
-    for pregather in (True, False):
-        got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(None, pregather)))
+    for way in WAYS:
+        got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(None, *way)))
         for name in want:  # tl.dot in IEEE float32 unless torch allows TF32
             err = rel_err(got[name], want[name])
-            assert err < 1e-4, f"pregather={pregather} {name}: {err:.2e}"
+            assert err < 1e-4, f"(pregather, epilogue)={way} {name}: {err:.2e}"
 
 
 @needs_cuda
@@ -287,11 +294,14 @@ def test_tile_bench_gemms_have_the_fused_shapes_and_count_kept_rows(activation):
     products = 2 if activation == "swiglu" else 1
     want = {"up": products, "down": 1, "act_grad": 1, "dx": products, "dw1": 1, "dw2": 1}
     want.update({f"{name}_pre": want[name] for name in ("up", "act_grad", "dw1", "dw2")}, gather_x=0, gather_dy=0,
-                up_gemm_only=1, act_grad_gemm_only=1)
+                up_gemm_only=1, act_grad_gemm_only=1, up_apart=products, act_grad_apart=1, act=0, act_backward=0)
     assert {name: flops / (2 * kept * 32 * 24) for name, (_, flops) in calls.items()} == want
     steps = {step for steps in fused_tiles.STEPS.values() for step in steps}
-    assert steps == set(want) - {"up_gemm_only", "act_grad_gemm_only"}
+    assert steps == set(want) - {"up_gemm_only", "act_grad_gemm_only", "act", "act_backward"}
     assert calls["up_gemm_only"][0]().shape == calls["act_grad_gemm_only"][0]().shape == (64 * 2, 24)
+    # the activation apart: the same a and dh as in the epilogues
+    torch.testing.assert_close(calls["up_apart"][0](), calls["up_pre"][0]()[2])
+    torch.testing.assert_close(calls["act_grad_apart"][0](), calls["act_grad_pre"][0]())
     for name in ("dw1", "dw1_pre"):
         assert calls[name][0]().shape == (4, 32, 24) and calls[name.replace("1", "2")][0]().shape == (4, 24, 32)
     assert calls["down"][0]().shape == calls["dx"][0]().shape == calls["gather_dy"][0]().shape == (64 * 2, 32)

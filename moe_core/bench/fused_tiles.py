@@ -10,8 +10,9 @@ are chosen from its output. CUDA only.
 
 Prints, per (shape, GEMM, configuration), milliseconds and TFLOP/s (2 x kept rows x K x N per
 product over the median time), then each GEMM's best and, per shape, the sum of one forward +
-backward's steps with the gathers fused into the GEMMs' loads and with them done once beforehand
-(the GEMMs that read gathered rows are timed both ways, the two gathers once). ``--autotuned`` times
+backward's steps with the gathers fused into the GEMMs' loads, with them done once beforehand, and
+with the activation apart too (the GEMMs that read gathered rows are timed both ways, the two with
+activation epilogues also as a plain GEMM followed by the activation's pass; gathers and passes once). ``--autotuned`` times
 only the configurations the autotuner chooses among. Appends every row to DIR/fused_tiles.jsonl as
 it is measured, so a run cut short keeps what it timed. A configuration that does not compile (too much
 shared memory) gets a row with its error. ``--compare`` reads two such files (say, before and after a
@@ -62,8 +63,9 @@ TIMING = dict(warmup=5, repeats=20)
 
 def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> dict:
     """The six GEMMs as (call, FLOPs), those that read a gathered operand both ways (``_pre``: from
-    rows gathered beforehand), the two with activation epilogues without them (``_gemm_only``), and
-    the two gathers (FLOPs 0): inputs of the right shapes (values do not change the time)."""
+    rows gathered beforehand), the two with activation epilogues without them (``_gemm_only``: one
+    product) and followed by the activation's pass instead (``_apart``), the two gathers and the two
+    activation passes (FLOPs 0): inputs of the right shapes (values do not change the time)."""
     routing = layer.router(x_TD, None, x_TD.shape[0])[0]
     plan = make_plan(routing, block_rows)
     ex = layer.experts
@@ -83,6 +85,9 @@ def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> di
         "down": (lambda: ops.rows(a, w2, plan), flops),
         "act_grad": (lambda: ops.act_grad(dy, token_N, weight_N, plan, w2t, h, g), flops),
         "act_grad_pre": (lambda: ops.act_grad(dys, None, None, plan, w2t, h, g), flops),
+        "up_apart": (lambda: ops.act(*ops.up(xs, None, plan, w1, w3, epilogue=False)[:2], plan), products * flops),
+        "act_grad_apart": (lambda: ops.act_backward(ops.act_grad(dys, None, None, plan, w2t, h, g, epilogue=False)[0],
+                                                    h, g, plan), flops),
         # the same two GEMMs without their activation epilogues: what the epilogues cost
         "up_gemm_only": (lambda: ops.rows(xs, w1, plan), flops),
         "act_grad_gemm_only": (lambda: ops.rows(dys, w2t, plan), flops),
@@ -93,13 +98,18 @@ def gemms(ops, layer: MoEFeedForward, x_TD: torch.Tensor, block_rows: int) -> di
         "dw2_pre": (lambda: ops.tn(a, None, dys, None, None, plan), flops),
         "gather_x": (lambda: ops.gather(x_TD, plan), 0.0),
         "gather_dy": (lambda: ops.gather(dy, plan, weight_N), 0.0),
+        "act": (lambda: ops.act(h, g, plan), 0.0),
+        "act_backward": (lambda: ops.act_backward(a, h, g, plan), 0.0),  # in place over a: values do not matter
     }
 
 
-# One forward + backward's steps, with the gathers fused into the GEMMs' loads or done once beforehand.
+# One forward + backward's steps, with the gathers fused into the GEMMs' loads or done once beforehand,
+# and with the activation in the GEMMs' epilogues or in passes of its own.
 STEPS = {"gathers in the GEMMs": ("up", "down", "act_grad", "dx", "dw1", "dw2"),
-         "gathers beforehand": ("gather_x", "gather_dy", "up_pre", "down", "act_grad_pre", "dx", "dw1_pre", "dw2_pre")}
-GATHERS = ("gather_x", "gather_dy")  # timed once: they have no tiles
+         "gathers beforehand": ("gather_x", "gather_dy", "up_pre", "down", "act_grad_pre", "dx", "dw1_pre", "dw2_pre"),
+         "gathers beforehand, activation apart": ("gather_x", "gather_dy", "up_apart", "down", "act_grad_apart", "dx",
+                                                  "dw1_pre", "dw2_pre")}
+GATHERS = ("gather_x", "gather_dy", "act", "act_backward")  # timed once: they have no tiles
 NO_TILES = "-"
 
 
@@ -134,7 +144,8 @@ def measure(name: str, shape: dict, out: Path | None, autotuned: bool = False) -
         elif kind == "gemm":
             bn, bk, warps, stages = tiles
             gemm, tn, names = triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages), default_tn, \
-                ("up", "up_pre", "up_gemm_only", "down", "act_grad", "act_grad_pre", "act_grad_gemm_only", "dx")
+                ("up", "up_pre", "up_gemm_only", "up_apart", "down", "act_grad", "act_grad_pre",
+                 "act_grad_gemm_only", "act_grad_apart", "dx")
             label = f"BM{block_rows} BN{bn} BK{bk} w{warps} s{stages}"
         else:
             bi, bj, br, warps, stages = tiles

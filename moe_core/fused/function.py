@@ -37,6 +37,9 @@ if HAS_TRITON:
     from . import ops_triton
     OPS["ops_triton"] = ops_triton
 
+# Where the activation and its gradient are computed: in the up-projection's and activation gradient's
+# epilogues (True), or in elementwise passes of their own after plain GEMMs (False). See BENCHMARKS.md.
+EPILOGUE = True
 _PLAN_TENSORS = [f.name for f in fields(FusedPlan) if f.type in ("torch.Tensor", torch.Tensor)]
 
 
@@ -64,19 +67,22 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 @torch.library.custom_op("moe_core::fused_forward", mutates_args=())
 def fused_forward(x_TD: Tensor, weight_A: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor,
-                  plan_tensors: list[Tensor], block_rows: int, ops_name: str,
-                  pregather: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  plan_tensors: list[Tensor], block_rows: int, ops_name: str, pregather: bool,
+                  epilogue: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, h, g, a, o, xs): the output and what the backward reads (g, xs empty where absent)."""
     ops, plan = OPS[ops_name], _plan(plan_tensors, x_TD.shape[0], w1_EDF.shape[0], block_rows)
     xs_ND = ops.gather(x_TD, plan) if pregather else None
-    h_NF, g_NF, a_NF = ops.up(xs_ND if pregather else x_TD, None if pregather else plan.token_N, plan, w1_EDF, w3_EDF)
+    h_NF, g_NF, a_NF = ops.up(xs_ND if pregather else x_TD, None if pregather else plan.token_N, plan, w1_EDF, w3_EDF,
+                              epilogue)
+    if not epilogue:
+        a_NF = ops.act(h_NF, g_NF, plan)
     o_ND = ops.rows(a_NF, w2_EFD, plan)
     y_TD = ops.combine(o_ND, plan, weight_A)
     return y_TD, h_NF, _or_empty(g_NF, h_NF), a_NF, o_ND, _or_empty(xs_ND, x_TD)
 
 
 @fused_forward.register_fake
-def _(x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather):
+def _(x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather, epilogue):
     (N,), (T, D), Fh = plan_tensors[_PLAN_TENSORS.index("assign_N")].shape, x_TD.shape, w1_EDF.shape[-1]
     return (x_TD.new_empty(T, D), x_TD.new_empty(N, Fh), x_TD.new_empty((N, Fh) if w3_EDF is not None else 0),
             x_TD.new_empty(N, Fh), x_TD.new_empty(N, D), x_TD.new_empty((N, D) if pregather else 0))
@@ -85,7 +91,7 @@ def _(x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name
 @torch.library.custom_op("moe_core::fused_backward", mutates_args=())
 def fused_backward(dy_TD: Tensor, x_src: Tensor, weight_A: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None,
                    w2_EFD: Tensor, h_NF: Tensor, g_NF: Tensor, a_NF: Tensor, o_ND: Tensor, plan_tensors: list[Tensor],
-                   block_rows: int, ops_name: str, pregather: bool,
+                   block_rows: int, ops_name: str, pregather: bool, epilogue: bool,
                    needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dW1, dW3, dW2), each empty unless ``needs`` asks for it. ``x_src`` is xs when
     pregathered, else x."""
@@ -97,7 +103,9 @@ def fused_backward(dy_TD: Tensor, x_src: Tensor, weight_A: Tensor, w1_EDF: Tenso
         dy_src, dy_idx, dy_scale = ops.gather(dy_TD, plan, weight_N), None, None
     else:
         dy_src, dy_idx, dy_scale = dy_TD, plan.token_N, weight_N
-    dh_NF, dg_NF = ops.act_grad(dy_src, dy_idx, dy_scale, plan, w2_EFD.transpose(1, 2), h_NF, g_NF)
+    dh_NF, dg_NF = ops.act_grad(dy_src, dy_idx, dy_scale, plan, w2_EFD.transpose(1, 2), h_NF, g_NF, epilogue)
+    if not epilogue:
+        dh_NF, dg_NF = ops.act_backward(dh_NF, h_NF, g_NF, plan)
     grads = [None] * 5
     if needs[0]:
         w3t = w3_EDF.transpose(1, 2) if w3_EDF is not None else None
@@ -115,17 +123,17 @@ def fused_backward(dy_TD: Tensor, x_src: Tensor, weight_A: Tensor, w1_EDF: Tenso
 
 @fused_backward.register_fake
 def _(dy_TD, x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND, plan_tensors, block_rows, ops_name,
-      pregather, needs):
+      pregather, epilogue, needs):
     like = (dy_TD, weight_A, w1_EDF, w3_EDF, w2_EFD)
     return tuple(t.new_empty(t.shape) if need and t is not None else dy_TD.new_empty(0) for t, need in zip(like, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather = inputs
+    x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, plan_tensors, block_rows, ops_name, pregather, epilogue = inputs
     _, h_NF, g_NF, a_NF, o_ND, xs_ND = output
     ctx.save_for_backward(xs_ND if pregather else x_TD, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND,
                           *plan_tensors)
-    ctx.meta = (block_rows, ops_name, pregather)
+    ctx.meta = (block_rows, ops_name, pregather, epilogue)
     ctx.set_materialize_grads(False)  # the outputs past y get no gradient: no zero tensors filled for them
 
 
@@ -135,7 +143,8 @@ def _backward(ctx, dy_TD, *_):
     needs = list(ctx.needs_input_grad[:5])
     grads = fused_backward(dy_TD.contiguous(), x_src, weight_A, w1_EDF, w3_EDF, w2_EFD, h_NF, g_NF, a_NF, o_ND,
                            plan_tensors, *ctx.meta, needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), [None] * len(plan_tensors), None, None, None)
+    return (*(g if need else None for g, need in zip(grads, needs)), [None] * len(plan_tensors), None, None, None,
+            None)
 
 
 fused_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -155,7 +164,7 @@ def dispatch_combine(x_TD: torch.Tensor, routing, experts=None) -> torch.Tensor:
     return ops.combine(ops.gather(x_TD.contiguous(), plan), plan, routing.weight_A)
 
 
-def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> tuple:
+def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True, epilogue: bool = EPILOGUE) -> tuple:
     """``fused_forward``'s arguments for this layer call: the compute dtype's tensors and the plan."""
     dtype = compute_dtype(x_TD)
     ops = ops or kernel_ops(x_TD.device, dtype)
@@ -163,10 +172,12 @@ def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = Tr
     w3_EDF = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
     return (x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF, experts.w2_EFD.to(dtype),
             [getattr(plan, name) for name in _PLAN_TENSORS], ops.BLOCK_ROWS, ops.__name__.rsplit(".", 1)[-1],
-            pregather)
+            pregather, epilogue)
 
 
-def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True) -> torch.Tensor:
+def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True,
+              epilogue: bool = EPILOGUE) -> torch.Tensor:
     """The ``fused`` dispatch backend (``ops`` forces an executor: ``ops_torch`` or ``ops_triton``;
-    ``pregather=False`` fuses the gathers into the GEMMs' loads instead)."""
-    return fused_forward(*op_args(x_TD, routing, experts, ops, pregather))[0]
+    ``pregather=False`` fuses the gathers into the GEMMs' loads instead; ``epilogue`` computes the
+    activation and its gradient in the GEMMs' epilogues, else in passes of their own)."""
+    return fused_forward(*op_args(x_TD, routing, experts, ops, pregather, epilogue))[0]

@@ -33,9 +33,24 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
-def _gelu_grad(h):
-    """d/dh of h * Phi(h): Phi(h) + h * phi(h)."""
-    return 0.5 * (1.0 + tl.erf(h * SQRT_HALF)) + h * INV_SQRT_2PI * tl.exp(-0.5 * h * h)
+def _act(h, g, SWIGLU: tl.constexpr):
+    """a = gelu(h) = h * Phi(h) (erf, not tanh), or silu(g) * h."""
+    if SWIGLU:
+        a = g * tl.sigmoid(g) * h
+    else:
+        a = 0.5 * h * (1.0 + tl.erf(h * SQRT_HALF))
+    return a
+
+
+@triton.jit
+def _act_grads(da, h, g, SWIGLU: tl.constexpr):
+    """(dh, dg) from da = dL/da; dg is da itself (unused) for GELU, whose d/dh is Phi(h) + h * phi(h)."""
+    if SWIGLU:
+        s = tl.sigmoid(g)
+        dh, dg = da * g * s, da * h * s * (1.0 + g * (1.0 - s))
+    else:
+        dh, dg = da * (0.5 * (1.0 + tl.erf(h * SQRT_HALF)) + h * INV_SQRT_2PI * tl.exp(-0.5 * h * h)), da
+    return dh, dg
 
 
 @triton.jit
@@ -53,10 +68,11 @@ def _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN: t
 @triton.jit
 def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
               E, D, F, sw_e, sw_k, sw_n,
-              GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); a = gelu(h), or silu(g) * h. Stores h, g, a.
-    Without GATHER, x holds the rows already gathered (x[n] for row n)."""
+              GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
+              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); with EPILOGUE a = act(h, g) as well (else
+    ``act_kernel`` computes it in a pass of its own). Without GATHER, x holds the rows already gathered
+    (x[n] for row n)."""
     e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
     if e >= E:
         return
@@ -79,10 +95,8 @@ def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert
     tl.store(h_ptr + out, acc_h.to(h_ptr.dtype.element_ty), mask=ok)
     if SWIGLU:
         tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=ok)
-        act = acc_g * tl.sigmoid(acc_g) * acc_h
-    else:
-        act = 0.5 * acc_h * (1.0 + tl.erf(acc_h * SQRT_HALF))
-    tl.store(a_ptr + out, act.to(a_ptr.dtype.element_ty), mask=ok)
+    if EPILOGUE:
+        tl.store(a_ptr + out, _act(acc_h, acc_g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -114,11 +128,12 @@ def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_r
 @triton.jit
 def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr, dg_ptr,
                     tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n,
-                    GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """da = weight[n] * dy[token[n]] @ W2[e]^T (the gather fused into the loads, the gate weight into
-    the epilogue), then the activation's backward from the stored h (and g): dh (and dg). Without
-    GATHER, dy holds the rows already gathered and weighted (weight[n] * dy[token[n]] for row n)."""
+    the epilogue), then with EPILOGUE the activation's backward from the stored h (and g): dh (and dg);
+    without it da is stored in dh for ``act_backward_kernel``. Without GATHER, dy holds the rows already
+    gathered and weighted (weight[n] * dy[token[n]] for row n)."""
     e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
     if e >= E:
         return
@@ -138,14 +153,51 @@ def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr,
         da = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     out = rows[:, None] * F + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
-    h = tl.load(h_ptr + out, mask=ok, other=0.0).to(ACC)
-    if SWIGLU:
-        g = tl.load(g_ptr + out, mask=ok, other=0.0).to(ACC)
-        s = tl.sigmoid(g)
-        tl.store(dh_ptr + out, (da * g * s).to(dh_ptr.dtype.element_ty), mask=ok)
-        tl.store(dg_ptr + out, (da * h * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=ok)
+    if EPILOGUE:
+        _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, out, ok, SWIGLU, ACC)
     else:
-        tl.store(dh_ptr + out, (da * _gelu_grad(h)).to(dh_ptr.dtype.element_ty), mask=ok)
+        tl.store(dh_ptr + out, da.to(dh_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, at, ok, SWIGLU: tl.constexpr, ACC: tl.constexpr):
+    """dh (and dg) at offsets ``at`` from da and the stored h (and g)."""
+    h = tl.load(h_ptr + at, mask=ok, other=0.0).to(ACC)
+    g = h
+    if SWIGLU:
+        g = tl.load(g_ptr + at, mask=ok, other=0.0).to(ACC)
+    dh, dg = _act_grads(da, h, g, SWIGLU)
+    tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=ok)
+    if SWIGLU:
+        tl.store(dg_ptr + at, dg.to(dg_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _kept_elements(ends_ptr, E, F, BLOCK: tl.constexpr):
+    """This program's BLOCK offsets into an N x F array and which of them lie in the kept rows."""
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return at, at < tl.load(ends_ptr + E - 1).to(tl.int64) * F
+
+
+@triton.jit
+def act_kernel(h_ptr, g_ptr, a_ptr, ends_ptr, E, F, SWIGLU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """a = act(h, g) over the kept rows, as a pass of its own (``up_kernel`` without EPILOGUE)."""
+    at, ok = _kept_elements(ends_ptr, E, F, BLOCK)
+    h = tl.load(h_ptr + at, mask=ok, other=0.0).to(ACC)
+    g = h
+    if SWIGLU:
+        g = tl.load(g_ptr + at, mask=ok, other=0.0).to(ACC)
+    tl.store(a_ptr + at, _act(h, g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def act_backward_kernel(da_ptr, h_ptr, g_ptr, dg_ptr, ends_ptr, E, F, SWIGLU: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """dh (over da, in place) and dg from da and the stored h (and g) over the kept rows, as a pass of
+    its own (``act_grad_kernel`` without EPILOGUE)."""
+    at, ok = _kept_elements(ends_ptr, E, F, BLOCK)
+    da = tl.load(da_ptr + at, mask=ok, other=0.0).to(ACC)
+    _store_act_grads(da, h_ptr, g_ptr, da_ptr, dg_ptr, at, ok, SWIGLU, ACC)
 
 
 @triton.jit

@@ -46,20 +46,37 @@ def gather(src_TD, plan: FusedPlan, scale_N=None):
     return out_ND
 
 
-def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF):
-    """(h, g or None, a) of every kept row: h = x W1, g = x W3, a = gelu(h) or silu(g) * h."""
+def _act(h, g):
+    """a = gelu(h) (erf), or silu(g) * h when g is given."""
+    return F.gelu(h) if g is None else F.silu(g) * h
+
+
+def _act_grads(da, h, g):
+    """(dh, dg or None) from da = dL/da, in da's dtype."""
+    if g is None:
+        return da * (0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)), None
+    sig = torch.sigmoid(g)
+    return da * g * sig, da * h * sig * (1.0 + g * (1.0 - sig))
+
+
+def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF, epilogue: bool = True):
+    """(h, g or None, a or None) of every kept row: h = x W1, g = x W3; with the epilogue a = act(h, g)."""
     N, Fh = plan.assign_N.numel(), w1_EDF.shape[-1]
-    h_NF, a_NF = x.new_zeros(N, Fh), x.new_zeros(N, Fh)
+    h_NF = x.new_zeros(N, Fh)
     g_NF = x.new_zeros(N, Fh) if w3_EDF is not None else None
     for e, s, t in _segments(plan):
         x_RD = _rows(x, token_N, s, t)
         h_NF[s:t] = x_RD @ w1_EDF[e]
-        if g_NF is None:
-            a_NF[s:t] = F.gelu(h_NF[s:t])
-        else:
+        if g_NF is not None:
             g_NF[s:t] = x_RD @ w3_EDF[e]
-            a_NF[s:t] = F.silu(g_NF[s:t]) * h_NF[s:t]
-    return h_NF, g_NF, a_NF
+    return h_NF, g_NF, act(h_NF, g_NF, plan) if epilogue else None
+
+
+def act(h_NF, g_NF, plan: FusedPlan):
+    """a = act(h, g) of the kept rows (the rest stay zero)."""
+    a_NF, kept = torch.zeros_like(h_NF), int(plan.ends_E[-1])
+    a_NF[:kept] = _act(h_NF[:kept], g_NF[:kept] if g_NF is not None else None)
+    return a_NF
 
 
 def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
@@ -72,25 +89,35 @@ def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
     return out_NJ
 
 
-def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF):
+def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF, epilogue: bool = True):
     """(dh, dg or None): da = weight * dy[token] W2^T through the activation's derivative (da = dy W2^T
-    when token_N and weight_N are None: dy's rows are gathered and weighted already)."""
+    when token_N and weight_N are None: dy's rows are gathered and weighted already). Without the
+    epilogue, (da, None)."""
     dh_NF = torch.zeros_like(h_NF)
-    dg_NF = torch.zeros_like(g_NF) if g_NF is not None else None
+    dg_NF = torch.zeros_like(g_NF) if g_NF is not None and epilogue else None
     acc = _acc(h_NF.dtype)
     for e, s, t in _segments(plan):
         da = (_rows(dy, token_N, s, t) @ w2t_EDF[e]).to(acc)
         if weight_N is not None:
             da = da * weight_N[s:t, None].to(acc)
-        h = h_NF[s:t].to(acc)
-        if g_NF is None:
-            gelu_grad = 0.5 * (1.0 + torch.erf(h / math.sqrt(2.0))) + h * torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
-            dh_NF[s:t] = da * gelu_grad
-        else:
-            g = g_NF[s:t].to(acc)
-            sig = torch.sigmoid(g)
-            dh_NF[s:t] = da * g * sig
-            dg_NF[s:t] = da * h * sig * (1.0 + g * (1.0 - sig))
+        if not epilogue:
+            dh_NF[s:t] = da
+            continue
+        dh, dg = _act_grads(da, h_NF[s:t].to(acc), g_NF[s:t].to(acc) if g_NF is not None else None)
+        dh_NF[s:t] = dh
+        if dg is not None:
+            dg_NF[s:t] = dg
+    return dh_NF, dg_NF
+
+
+def act_backward(da_NF, h_NF, g_NF, plan: FusedPlan):
+    """(dh, dg or None) of the kept rows from da (the rest stay zero)."""
+    kept, acc = int(plan.ends_E[-1]), _acc(h_NF.dtype)
+    dh_NF, dg_NF = torch.zeros_like(h_NF), torch.zeros_like(g_NF) if g_NF is not None else None
+    dh, dg = _act_grads(da_NF[:kept].to(acc), h_NF[:kept].to(acc), g_NF[:kept].to(acc) if g_NF is not None else None)
+    dh_NF[:kept] = dh
+    if dg is not None:
+        dg_NF[:kept] = dg
     return dh_NF, dg_NF
 
 

@@ -54,8 +54,9 @@ def _tuned(kernel, configs, key):
 
 
 _LAUNCHERS = {  # the autotune keys: sizes, and the variant (an epilogue of two tiles wants narrower ones)
-    "_UP": (kernels.up_kernel, ["D", "F", "GATHER", "SWIGLU"]), "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO"]),
-    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "GATHER", "SWIGLU"]),
+    "_UP": (kernels.up_kernel, ["D", "F", "GATHER", "SWIGLU", "EPILOGUE"]),
+    "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO"]),
+    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "GATHER", "SWIGLU", "EPILOGUE"]),
     "_TN": (kernels.tn_kernel, ["I", "J", "GATHER_LEFT", "GATHER_RIGHT", "SCALE"])}
 _UP, _ROWS, _ACT_GRAD, _TN = (_tuned(kernel, _TN_CONFIGS if name == "_TN" else _GEMM_CONFIGS, key)
                               for name, (kernel, key) in _LAUNCHERS.items())
@@ -106,16 +107,32 @@ def gather(src_TD, plan: FusedPlan, scale_N=None):
     return out_ND
 
 
-def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF):
+def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF, epilogue: bool = True):
     N, (E, D, Fh) = plan.assign_N.numel(), w1_EDF.shape
-    h_NF, a_NF = x.new_empty(N, Fh), x.new_empty(N, Fh)
+    h_NF = x.new_empty(N, Fh)
+    a_NF = x.new_empty(N, Fh) if epilogue else None
     g_NF = x.new_empty(N, Fh) if w3_EDF is not None else None
     swiglu = w3_EDF is not None
     assert not swiglu or w3_EDF.stride() == w1_EDF.stride(), "w1 and w3 must share strides"
     _grouped(_UP, plan, Fh, x, token_N if token_N is not None else plan.token_N, w1_EDF,
-             w3_EDF if swiglu else w1_EDF, h_NF, g_NF if swiglu else h_NF, a_NF, *_tile_args(plan), E, D, Fh,
-             *w1_EDF.stride(), GATHER=token_N is not None, SWIGLU=swiglu, **_types(x.dtype))
+             w3_EDF if swiglu else w1_EDF, h_NF, g_NF if swiglu else h_NF, a_NF if epilogue else h_NF,
+             *_tile_args(plan), E, D, Fh, *w1_EDF.stride(), GATHER=token_N is not None, SWIGLU=swiglu,
+             EPILOGUE=epilogue, **_types(x.dtype))
     return h_NF, g_NF, a_NF
+
+
+def _elementwise(kernel, plan: FusedPlan, like_NF, *args, **meta) -> None:
+    """Launch a pass over the kept rows' elements of N x F arrays (``act_kernel``, ``act_backward_kernel``)."""
+    block = 1024
+    kernel[(triton.cdiv(like_NF.numel(), block),)](*args, plan.ends_E, plan.num_experts, like_NF.shape[1], **meta,
+                                                    ACC=_types(like_NF.dtype)["ACC"], BLOCK=block)
+
+
+def act(h_NF, g_NF, plan: FusedPlan):
+    a_NF = torch.empty_like(h_NF)
+    _elementwise(kernels.act_kernel, plan, h_NF, h_NF, g_NF if g_NF is not None else h_NF, a_NF,
+                 SWIGLU=g_NF is not None)
+    return a_NF
 
 
 def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
@@ -127,15 +144,23 @@ def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
     return out_NJ
 
 
-def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF):
+def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF, epilogue: bool = True):
     E, D, Fh = w2t_EDF.shape
     swiglu, gathered = g_NF is not None, token_N is not None
     dh_NF = torch.empty_like(h_NF)
-    dg_NF = torch.empty_like(g_NF) if swiglu else None
+    dg_NF = torch.empty_like(g_NF) if swiglu and epilogue else None
     _grouped(_ACT_GRAD, plan, Fh, dy, token_N if gathered else plan.token_N, weight_N if gathered else h_NF,
-             w2t_EDF, h_NF, g_NF if swiglu else h_NF, dh_NF, dg_NF if swiglu else dh_NF, *_tile_args(plan), E, D, Fh,
-             *w2t_EDF.stride(), GATHER=gathered, SWIGLU=swiglu, **_types(h_NF.dtype))
+             w2t_EDF, h_NF, g_NF if swiglu else h_NF, dh_NF, dg_NF if dg_NF is not None else dh_NF, *_tile_args(plan),
+             E, D, Fh, *w2t_EDF.stride(), GATHER=gathered, SWIGLU=swiglu, EPILOGUE=epilogue, **_types(h_NF.dtype))
     return dh_NF, dg_NF
+
+
+def act_backward(da_NF, h_NF, g_NF, plan: FusedPlan):
+    """(dh, dg or None); dh is written over da."""
+    dg_NF = torch.empty_like(g_NF) if g_NF is not None else None
+    _elementwise(kernels.act_backward_kernel, plan, h_NF, da_NF, h_NF, g_NF if g_NF is not None else h_NF,
+                 dg_NF if dg_NF is not None else da_NF, SWIGLU=g_NF is not None)
+    return da_NF, dg_NF
 
 
 def tn(left, left_idx_N, right, right_idx_N, scale_N, plan: FusedPlan):
