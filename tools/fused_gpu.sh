@@ -58,7 +58,7 @@ layer_bench() {  # layer_bench CAP MODE: one process per shape (SHAPE_FILTER=swi
 
 run_stage() {
     case $1 in
-        tests) capped 240 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_fused.py tests/test_gpu.py \
+        tests) capped 330 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_fused.py tests/test_gpu.py \
                    2>&1 | tee "$out/fused_gpu_tests.txt" ;;
         eager) layer_bench "${EAGER_CAP_S:-150}" none ;;  # a first call autotunes the Triton paths: SwiGLU with liger > 150 s
         profile) for shape in "8 2 4096" "64 8 1024"; do
