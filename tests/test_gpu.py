@@ -61,4 +61,7 @@ def test_host_ahead_times_a_launch_bound_call_on_the_device_clock():
     a, b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16), torch.randn(8192, 8192, device=dev,
                                                                                  dtype=torch.bfloat16)
     big = [time_median_ms(lambda _: a @ b, [None], dev, warmup=2, repeats=20, host_ahead=h) for h in (False, True)]
-    assert abs(big[1] / big[0] - 1) < 0.05, big
+    # within 15%: back to back (host-ahead) a matmul at full power ran 9% slower than with the plain timer's
+    # gaps on an H200 (runs/benchmarks/fused_20261128_h200_75a5599/tests), while the launch-bound call above
+    # differs by far more
+    assert abs(big[1] / big[0] - 1) < 0.15, big

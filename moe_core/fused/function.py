@@ -4,14 +4,17 @@ custom operator over a plan of expert-sorted kept rows, with an explicit backwar
 Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (see ``plan``).
 
 Forward: xs[n] = x[token[n]] gathered once (``pregather``; else the gather is fused into the GEMM's
-loads); h (and g) = xs W1 (W3), a = act(h) in the GEMM's epilogue; o = a W2 per row; y[t] = sum of
-weight * o over token t's kept rows, in a fixed order. Backward: dys[n] = weight[n] * dy[token[n]]
-gathered once (or in the loads, weighted in the epilogue); da = dys W2^T through the activation's
-derivative (dh, dg); dW2 = a^T dys; dW1 = xs^T dh (dW3 likewise); dx[t] = sum over t's rows of dh W1^T
-(+ dg W3^T); dweight[a] = <dy[token], o[row]>. No atomics: bitwise reproducible.
+loads); h (and g) = xs W1 (W3), a = act(h, g) in a pass of its own (``epilogue``: in the GEMM's
+epilogue); o = a W2 per row; y[t] = sum of weight * o over token t's kept rows, in a fixed order.
+Backward: dys[n] = weight[n] * dy[token[n]] gathered once (or in the loads, weighted in the epilogue);
+da = dys W2^T, then through the activation's derivative in a pass (or the epilogue): dh, dg; dW2 =
+a^T dys; dW1 = xs^T dh (dW3 likewise); dx[t] = sum over t's rows of dh W1^T (+ dg W3^T); dweight[a] =
+<dy[token], o[row]>. No atomics: bitwise reproducible.
 
 Pre-gathering costs one copy of N x D each way and turns four gathered GEMMs into plain ones, which
 the tile bench (``moe_core.bench.fused_tiles``) times faster; ``pregather=False`` keeps the fused gather.
+The activation apart costs a read and a write of the N x F arrays each way, and lets the two GEMMs
+that had epilogues run as plain ones, which the tile bench also times faster (``EPILOGUE``).
 
 The two steps are ``torch.library`` custom ops: torch.compile keeps them in its graph as opaque calls
 (no graph break), so a compiled model stays one graph and CUDA graphs can capture it.
@@ -38,8 +41,9 @@ if HAS_TRITON:
     OPS["ops_triton"] = ops_triton
 
 # Where the activation and its gradient are computed: in the up-projection's and activation gradient's
-# epilogues (True), or in elementwise passes of their own after plain GEMMs (False). See BENCHMARKS.md.
-EPILOGUE = True
+# epilogues (True), or in elementwise passes of their own after plain GEMMs (False, the default: the tile
+# bench timed a forward + backward's steps 0.4-0.7 ms faster so at all four bench shapes; BENCHMARKS.md).
+EPILOGUE = False
 _PLAN_TENSORS = [f.name for f in fields(FusedPlan) if f.type in ("torch.Tensor", torch.Tensor)]
 
 

@@ -1,7 +1,8 @@
 """Triton kernels of the fused MoE backend: grouped GEMMs over expert-sorted rows (reading rows gathered
-once by ``gather_kernel``, or with the token gather fused into their loads: ``GATHER``), activation
-epilogues, and the weighted combine as a per-token sum in a fixed order (no atomics anywhere, so every
-result is bitwise reproducible).
+once by ``gather_kernel``, or with the token gather fused into their loads: ``GATHER``), the activation
+and its gradient in passes of their own (or in the GEMMs' epilogues: ``EPILOGUE``), and the weighted
+combine as a per-token sum in a fixed order (no atomics anywhere, so every result is bitwise
+reproducible).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (A of them; the
 kept assignments first, sorted by expert; rows past the kept ones are never read). ``BM``/``BN``/``BK``
