@@ -152,10 +152,12 @@ def test_checkpoint_loader_refuses_in_one_line_naming_the_file(checkpoint, chang
     assert str(err.value).startswith(f"{bad}: ") and message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_profile_refuses_a_bad_shape_before_any_work(capsys):
-    assert profile.main(["layer", "grouped", "8", "16"]) == 2
+@pytest.mark.parametrize("args, message", [(["layer", "grouped", "8", "16"], "top_k=16 exceeds num_experts=8"),
+                                           (["dispatch", "fused", "8", "2", "0"], "capacity_factor")])
+def test_profile_refuses_a_bad_shape_before_any_work(args, message, capsys):
+    assert profile.main(args) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "top_k=16 exceeds num_experts=8" in err
+    assert len(err.strip().splitlines()) == 1 and message in err
 
 
 @pytest.mark.parametrize("args, message", [

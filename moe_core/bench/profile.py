@@ -4,11 +4,13 @@ The timed benches say how fast; these say why. CUDA only.
 
     python -m moe_core.bench.profile layer [backend] [experts] [top_k] [hidden] [compile_mode]
     python -m moe_core.bench.profile step [backend] [batch]
+    python -m moe_core.bench.profile dispatch [backend] [experts] [top_k] [capacity_factor|none]
 
 layer: T=32768, D=1024, CF 1.25, softk, bf16 weights and inputs (as the layer bench's GPU shapes);
 compile_mode (default none) compiles both modules, as the layer bench's compile_modes axis does.
 step: E=8, D=256, 4 layers, 4 heads, k=2, CF 1.25, seq 256, vocab 96, bf16 autocast,
-torch.compile (default mode), fused AdamW. Each profile: 3 warm-up calls, 3 profiled; prints GPU
+torch.compile (default mode), fused AdamW. dispatch: the capacity bench's dispatch cell (the backend's
+data movement with identity experts; fused's plan, gather and combine) at T=32768, D=1024, softk, bf16. Each profile: 3 warm-up calls, 3 profiled; prints GPU
 ms per call and the costliest kernels.
 
 Legend: T tokens, D model dim, B batch, S sequence length.
@@ -27,6 +29,7 @@ from ..dispatch import BACKEND_FNS
 from ..model import DenseFeedForward, TinyMoEModel
 from ..moe import MoEFeedForward
 from ..train import COMPILE_MODES
+from .capacity import DISPATCH_FNS, IdentityExperts
 from .timing import compiled
 
 CALLS = 3  # warm-up calls, then profiled calls
@@ -95,6 +98,29 @@ def profile_step(backend: str = "padded", batch: int = 128, seq_len: int = 256, 
     return gpu_profile(step, f"{backend} batch {batch}", 30)
 
 
+def profile_dispatch(backend: str = "fused", experts: int = 8, top_k: int = 2, capacity_factor: float | None = 1.25,
+                     tokens: int = 32768, dim: int = 1024) -> float:
+    """The capacity bench's dispatch cell alone: which of its kernels take the time; returns GPU ms."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=dim, hidden=dim, num_experts=experts, top_k=top_k, router="softk",
+                    capacity_factor=capacity_factor, backend=backend)
+    router = MoEFeedForward(cfg).cuda().router
+    x_TD = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        routing = router(x_TD, None)[0]
+    fn = DISPATCH_FNS.get(backend, BACKEND_FNS[backend])
+
+    def dispatch():
+        with torch.no_grad():
+            fn(x_TD, routing, IdentityExperts())
+
+    return gpu_profile(dispatch, f"dispatch {backend} E={experts} k={top_k} CF={capacity_factor}", 25)
+
+
+def _capacity_factor(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "dropless") else float(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_core.bench.profile", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,11 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     step = sub.add_parser("step", help="one training step of Experiment A's model")
     step.add_argument("backend", nargs="?", default="padded", choices=list(BACKEND_FNS))
     step.add_argument("batch", nargs="?", type=int, default=128)
+    dispatch = sub.add_parser("dispatch", help="the capacity bench's dispatch cell (identity experts)")
+    dispatch.add_argument("backend", nargs="?", default="fused", choices=list(BACKEND_FNS))
+    dispatch.add_argument("experts", nargs="?", type=int, default=8)
+    dispatch.add_argument("top_k", nargs="?", type=int, default=2)
+    dispatch.add_argument("capacity_factor", nargs="?", type=_capacity_factor, default=1.25)
     args = vars(parser.parse_args(argv))
     try:  # bad shapes and a missing GPU fail here, in one line, before any allocation
-        if args.pop("command") == "layer":
+        command = args.pop("command")
+        if command == "layer":
             MoEConfig(dim=1024, hidden=args["hidden"], num_experts=args["experts"], top_k=args["top_k"])
             run = profile_layer
+        elif command == "dispatch":
+            MoEConfig(dim=1024, hidden=1024, num_experts=args["experts"], top_k=args["top_k"],
+                      capacity_factor=args["capacity_factor"])
+            run = profile_dispatch
         else:
             if args["batch"] < 1:
                 raise ValueError(f"batch: must be >= 1, got {args['batch']}")
