@@ -372,3 +372,25 @@ def test_tile_bench_best_adds_each_steps_best_time_for_both_ways_of_gathering(ca
                     "sum  s                                6.500 ms, gathers beforehand (the steps' best times added)"]
     fused_tiles.best(rows, only=["a"])  # the gathers have no tiles and stay
     assert "  12.000 ms, gathers in the GEMMs" in capsys.readouterr().out
+
+
+@needs_interpreter
+@pytest.mark.parametrize("router,cf,T", [("softk", 0.75, 150), ("top1", 1.0, 100), ("topk_hard", None, 90),
+                                         ("expert_choice", 1.0, 96), ("hash", 0.75, 70)])
+def test_triton_plan_equals_make_plan(router, cf, T):
+    """The plan's three kernels (chunks of 64 sorted positions under the interpreter, so several chunks
+    here) give make_plan's tensors exactly: rows, tiles, the tail rows' assignment 0, the token order."""
+    from moe_core.fused import ops_triton
+    expert_choice = router == "expert_choice"  # drops only under its prefix rule, in eval: sequences of 12
+    layer, x, ids = fused_layer(router, cf, "gelu", T=T, E=6, **({"ec_eval": "prefix"} if expert_choice else {}))
+    with torch.no_grad():
+        routing, _, _ = layer.train(not expert_choice).router(x, ids, 12)
+    want, got = make_plan(routing, ops_triton.BLOCK_ROWS), ops_triton.build_plan(routing)
+    torch.library.opcheck(ops_triton._plan_rows, (routing.sorted_A, routing.keep_A, routing.token_A, routing.counts_E,
+                                                  want.tile_expert_M.numel()))
+    assert routing.expert_A.numel() > 64 and (cf is None) == bool(routing.keep_A.all())
+    for name, value in vars(want).items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(got, name), value), name
+        else:
+            assert getattr(got, name) == value, name

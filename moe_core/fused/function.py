@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import ops_torch
-from .plan import FusedPlan, make_plan
+from .plan import FusedPlan
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 OPS = {"ops_torch": ops_torch}
@@ -164,7 +164,7 @@ def dispatch_combine(x_TD: torch.Tensor, routing, experts=None) -> torch.Tensor:
     """The fused backend's data movement alone, as if every expert were the identity: the plan, the
     gather of the kept rows and the weighted combine (the capacity bench's dispatch cell)."""
     ops = kernel_ops(x_TD.device, x_TD.dtype)
-    plan = make_plan(routing, ops.BLOCK_ROWS)
+    plan = ops.build_plan(routing)
     return ops.combine(ops.gather(x_TD.contiguous(), plan), plan, routing.weight_A)
 
 
@@ -172,7 +172,7 @@ def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = Tr
     """``fused_forward``'s arguments for this layer call: the compute dtype's tensors and the plan."""
     dtype = compute_dtype(x_TD)
     ops = ops or kernel_ops(x_TD.device, dtype)
-    plan = make_plan(routing, ops.BLOCK_ROWS)
+    plan = ops.build_plan(routing)
     w3_EDF = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
     return (x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF, experts.w2_EFD.to(dtype),
             [getattr(plan, name) for name in _PLAN_TENSORS], ops.BLOCK_ROWS, ops.__name__.rsplit(".", 1)[-1],

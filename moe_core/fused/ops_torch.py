@@ -12,9 +12,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .plan import FusedPlan
+from .plan import FusedPlan, make_plan
 
 BLOCK_ROWS = 16  # rows per tile of the plan (the loops here do not tile)
+
+
+def build_plan(routing) -> FusedPlan:
+    return make_plan(routing, BLOCK_ROWS)
 
 
 def _segments(plan: FusedPlan):

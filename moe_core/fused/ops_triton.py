@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import kernels
 from .kernels import INTERPRETED
-from .plan import FusedPlan
+from .plan import FusedPlan, num_tiles, token_order
 
 BLOCK_ROWS = 16 if INTERPRETED else 128  # BM
 _SMALL = {"BN": 32, "BK": 32}  # the interpreter's tiles (tl.dot wants >= 16)
@@ -91,6 +91,46 @@ def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
         kernel[(tiles * triton.cdiv(columns, _SMALL["BN"]),)](*args, **meta, BM=plan.block_rows, **_SMALL)
     else:
         kernel[lambda m: (tiles * triton.cdiv(columns, m["BN"]),)](*args, **meta, BM=plan.block_rows)
+
+
+@torch.library.custom_op("moe_core::fused_plan", mutates_args=())
+def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
+               num_tiles_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """(row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M): count each chunk's kept assignments,
+    give rows, tile. A custom op, so torch.compile keeps it in its graph as one opaque call."""
+    A, E, dev = sorted_A.numel(), counts_E.numel(), sorted_A.device
+    block = 64 if INTERPRETED else 1024
+    chunks = triton.cdiv(A, block)
+    keep_A = keep_A.view(torch.uint8)
+    count_C = torch.empty(chunks, dtype=torch.int32, device=dev)
+    kernels.plan_counts_kernel[(chunks,)](sorted_A, keep_A, count_C, A, BLOCK=block)
+    row_A, assign_N, token_N, through_A = (torch.empty(A, dtype=torch.long, device=dev) for _ in range(4))
+    kernels.plan_rows_kernel[(chunks,)](sorted_A, keep_A, token_A, count_C, row_A, assign_N, token_N, through_A, A,
+                                        chunks, BLOCK=block, BC=triton.next_power_of_2(chunks))
+    ends_E = torch.empty(E, dtype=torch.long, device=dev)
+    tile_expert_M, tile_row_M = (torch.empty(num_tiles_, dtype=torch.long, device=dev) for _ in range(2))
+    kernels.plan_tiles_kernel[(1,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, E, num_tiles_,
+                                    BM=BLOCK_ROWS, BE=triton.next_power_of_2(E), BT=16 if INTERPRETED else 128)
+    return row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M
+
+
+@_plan_rows.register_fake
+def _(sorted_A, keep_A, token_A, counts_E, num_tiles_):
+    A, E, M = sorted_A.numel(), counts_E.numel(), num_tiles_
+    return tuple(sorted_A.new_empty(n) for n in (A, A, A, E, M, M))
+
+
+def build_plan(routing) -> FusedPlan:
+    """``plan.make_plan(routing, BLOCK_ROWS)``'s tensors from three kernels (and the token order's two or
+    three PyTorch ones) in place of about forty."""
+    row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M = _plan_rows(
+        routing.sorted_A, routing.keep_A, routing.token_A, routing.counts_E, num_tiles(routing, BLOCK_ROWS))
+    token_offs_T1, token_assign_A = token_order(routing)
+    return FusedPlan(row_A=row_A, assign_N=assign_N, token_N=token_N, token_A=routing.token_A, ends_E=ends_E,
+                     tile_expert_M=tile_expert_M, tile_row_M=tile_row_M, token_offs_T1=token_offs_T1,
+                     token_assign_A=token_assign_A, num_tokens=routing.num_tokens, num_experts=routing.num_experts,
+                     block_rows=BLOCK_ROWS)
 
 
 def _tile_args(plan: FusedPlan) -> tuple:

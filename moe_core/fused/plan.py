@@ -1,6 +1,8 @@
 """The fused backend's plan: a Routing's kept assignments as rows sorted by expert, plus the index
 maps the kernels read. Built from device tensors with no host synchronisation: every size is a
 static upper bound (A rows, cdiv(A, BM) + E row tiles) and the unused tail is never read.
+``make_plan`` states it in PyTorch (about 40 small kernels on a GPU); ``ops_triton.build_plan``
+builds the same tensors in three Triton kernels, tested equal to it.
 
 Legend: T tokens, E experts, A assignments, N rows (= A; the first ``ends_E[-1]`` hold the kept
 assignments, expert by expert), M row tiles, BM rows per tile.
@@ -36,7 +38,7 @@ class FusedPlan:
 def make_plan(routing: Routing, block_rows: int) -> FusedPlan:
     """Kept assignments keep the router's order inside an expert (``Routing.sorted_A``: token order,
     or priority order under the score drop policy), so row n of expert e is its n-th kept slot."""
-    E, T, num_assign = routing.num_experts, routing.num_tokens, routing.expert_A.numel()
+    E, num_assign = routing.num_experts, routing.expert_A.numel()
     dev = routing.expert_A.device
     keep_sorted = routing.keep_A[routing.sorted_A]
     kept_through = torch.cumsum(keep_sorted, 0)  # kept assignments up to each sorted position
@@ -49,16 +51,26 @@ def make_plan(routing: Routing, block_rows: int) -> FusedPlan:
     starts_E = F.pad(ends_E, (1, 0))[:-1]
     tiles_E = torch.div(ends_E - starts_E + block_rows - 1, block_rows, rounding_mode="floor")
     tile_ends_E = torch.cumsum(tiles_E, 0)
-    tile_M = torch.arange(-(-num_assign // block_rows) + E, device=dev)
+    tile_M = torch.arange(num_tiles(routing, block_rows), device=dev)
     tile_expert_M = torch.searchsorted(tile_ends_E, tile_M, right=True)
     e_M = tile_expert_M.clamp(max=E - 1)
     tile_row_M = starts_E[e_M] + (tile_M - (tile_ends_E - tiles_E)[e_M]) * block_rows
-    if routing.layout == "token":  # assignment t*K + j: token t's are K consecutive ones
-        token_offs_T1 = torch.arange(T + 1, device=dev) * routing.top_k
-        token_assign_A = arange_A
-    else:
-        token_assign_A = torch.sort(routing.token_A, stable=True).indices
-        token_offs_T1 = torch.searchsorted(routing.token_A[token_assign_A], torch.arange(T + 1, device=dev))
+    token_offs_T1, token_assign_A = token_order(routing)
     return FusedPlan(row_A=row_A, assign_N=assign_N, token_N=routing.token_A[assign_N], token_A=routing.token_A,
                      ends_E=ends_E, tile_expert_M=tile_expert_M, tile_row_M=tile_row_M, token_offs_T1=token_offs_T1,
-                     token_assign_A=token_assign_A, num_tokens=T, num_experts=E, block_rows=block_rows)
+                     token_assign_A=token_assign_A, num_tokens=routing.num_tokens, num_experts=E,
+                     block_rows=block_rows)
+
+
+def num_tiles(routing: Routing, block_rows: int) -> int:
+    """M: the row tiles' static upper bound, cdiv(A, BM) + E (each expert's last tile may be partial)."""
+    return -(-routing.expert_A.numel() // block_rows) + routing.num_experts
+
+
+def token_order(routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_offs_T1, token_assign_A): the combine's fixed order, each token's assignments in turn."""
+    T, dev = routing.num_tokens, routing.expert_A.device
+    if routing.layout == "token":  # assignment t*K + j: token t's are K consecutive ones
+        return torch.arange(T + 1, device=dev) * routing.top_k, torch.arange(routing.expert_A.numel(), device=dev)
+    token_assign_A = torch.sort(routing.token_A, stable=True).indices
+    return torch.searchsorted(routing.token_A[token_assign_A], torch.arange(T + 1, device=dev)), token_assign_A
