@@ -1,8 +1,8 @@
 """Triton kernels of the fused MoE backend: grouped GEMMs over expert-sorted rows (reading rows gathered
 once by ``gather_kernel``, or with the token gather fused into their loads: ``GATHER``), the activation
-and its gradient in passes of their own (or in the GEMMs' epilogues: ``EPILOGUE``), and the weighted
+and its gradient in passes of their own (or in the GEMMs' epilogues: ``EPILOGUE``), the weighted
 combine as a per-token sum in a fixed order (no atomics anywhere, so every result is bitwise
-reproducible).
+reproducible), and the plan's rows and tiles (``plan_*``; C chunks of sorted positions).
 
 Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows (A of them; the
 kept assignments first, sorted by expert; rows past the kept ones are never read). ``BM``/``BN``/``BK``

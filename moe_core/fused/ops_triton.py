@@ -95,7 +95,7 @@ def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
 
 @torch.library.custom_op("moe_core::fused_plan", mutates_args=())
 def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
-               num_tiles_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
     """(row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M): count each chunk's kept assignments,
     give rows, tile. A custom op, so torch.compile keeps it in its graph as one opaque call."""
@@ -109,15 +109,15 @@ def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tens
     kernels.plan_rows_kernel[(chunks,)](sorted_A, keep_A, token_A, count_C, row_A, assign_N, token_N, through_A, A,
                                         chunks, BLOCK=block, BC=triton.next_power_of_2(chunks))
     ends_E = torch.empty(E, dtype=torch.long, device=dev)
-    tile_expert_M, tile_row_M = (torch.empty(num_tiles_, dtype=torch.long, device=dev) for _ in range(2))
-    kernels.plan_tiles_kernel[(1,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, E, num_tiles_,
+    tile_expert_M, tile_row_M = (torch.empty(tiles, dtype=torch.long, device=dev) for _ in range(2))
+    kernels.plan_tiles_kernel[(1,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, E, tiles,
                                     BM=BLOCK_ROWS, BE=triton.next_power_of_2(E), BT=16 if INTERPRETED else 128)
     return row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M
 
 
 @_plan_rows.register_fake
-def _(sorted_A, keep_A, token_A, counts_E, num_tiles_):
-    A, E, M = sorted_A.numel(), counts_E.numel(), num_tiles_
+def _(sorted_A, keep_A, token_A, counts_E, tiles):
+    A, E, M = sorted_A.numel(), counts_E.numel(), tiles
     return tuple(sorted_A.new_empty(n) for n in (A, A, A, E, M, M))
 
 
