@@ -252,8 +252,26 @@ def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, caps
     assert "no liger column at E=4 k=2 (none): liger-kernel's fused MoE needs CUDA" in capsys.readouterr().out
 
 
+def test_layer_bench_fused_epilogue_times_the_epilogue_way(tmp_path, monkeypatch):
+    """``fused_epilogue: true`` runs the fused backend with the activation in its GEMMs' epilogues; by
+    default it runs the passes; the setting does not outlive the bench."""
+    from moe_core.fused import function
+    seen = []
+    real = function.fused_forward
+    monkeypatch.setattr(function, "fused_forward", lambda *args: seen.append(args[-1]) or real(*args))
+    shape = {"tokens": 32, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2}
+    for on in (True, False):
+        cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["fused"], warmup=1,
+                                     fused_epilogue=on)
+        assert bench.run_layer(cfg, tmp_path).loc[0, "status"] == "ok"
+        assert seen and set(seen) == {on}
+        seen.clear()
+    assert function.EPILOGUE is False
+
+
 @pytest.mark.parametrize("config,kwargs,message", [
     ("LayerBenchConfig", {"backends": ["fused", "megablocks"]}, "LayerBenchConfig.backends: unknown ['megablocks']"),
+    ("LayerBenchConfig", {"fused_epilogue": "yes"}, "LayerBenchConfig.fused_epilogue: must be true or false"),
     ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1, "act": "gelu"}]},
      "LayerBenchConfig.shapes: each shape maps"),
     ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1,

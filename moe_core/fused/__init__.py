@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .function import HAS_TRITON, dispatch_combine, kernel_ops, run_fused  # noqa: E402
+from .function import HAS_TRITON, dispatch_combine, epilogues, kernel_ops, run_fused  # noqa: E402
 from .plan import FusedPlan, make_plan  # noqa: E402
 
-__all__ = ["HAS_TRITON", "FusedPlan", "dispatch_combine", "kernel_ops", "make_plan", "run_fused"]
+__all__ = ["HAS_TRITON", "FusedPlan", "dispatch_combine", "epilogues", "kernel_ops", "make_plan", "run_fused"]

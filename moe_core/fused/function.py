@@ -25,6 +25,7 @@ interpreter on a machine without CUDA (float32, float64: slow, the CPU proof); o
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import fields
 
@@ -168,19 +169,33 @@ def dispatch_combine(x_TD: torch.Tensor, routing, experts=None) -> torch.Tensor:
     return ops.combine(ops.gather(x_TD.contiguous(), plan), plan, routing.weight_A)
 
 
-def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True, epilogue: bool = EPILOGUE) -> tuple:
-    """``fused_forward``'s arguments for this layer call: the compute dtype's tensors and the plan."""
+@contextlib.contextmanager
+def epilogues(on: bool = True):
+    """Inside the block the fused backend computes the activation in its GEMMs' epilogues (``on``), or in
+    passes: how the layer bench times the other way in the same run (``fused_epilogue``)."""
+    global EPILOGUE
+    saved, EPILOGUE = EPILOGUE, on
+    try:
+        yield
+    finally:
+        EPILOGUE = saved
+
+
+def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True,
+            epilogue: bool | None = None) -> tuple:
+    """``fused_forward``'s arguments for this layer call: the compute dtype's tensors and the plan
+    (``epilogue`` None: ``EPILOGUE``)."""
     dtype = compute_dtype(x_TD)
     ops = ops or kernel_ops(x_TD.device, dtype)
     plan = ops.build_plan(routing)
     w3_EDF = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
     return (x_TD.to(dtype).contiguous(), routing.weight_A, experts.w1_EDF.to(dtype), w3_EDF, experts.w2_EFD.to(dtype),
             [getattr(plan, name) for name in _PLAN_TENSORS], ops.BLOCK_ROWS, ops.__name__.rsplit(".", 1)[-1],
-            pregather, epilogue)
+            pregather, EPILOGUE if epilogue is None else epilogue)
 
 
 def run_fused(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True,
-              epilogue: bool = EPILOGUE) -> torch.Tensor:
+              epilogue: bool | None = None) -> torch.Tensor:
     """The ``fused`` dispatch backend (``ops`` forces an executor: ``ops_torch`` or ``ops_triton``;
     ``pregather=False`` fuses the gathers into the GEMMs' loads instead; ``epilogue`` computes the
     activation and its gradient in the GEMMs' epilogues, else in passes of their own)."""
