@@ -20,8 +20,13 @@
 #   profile   torch.profiler kernel table of fused (and the dense FFN) at the two GELU shapes, eager
 #   compiled  the layer bench again under torch.compile (default mode): MoE layer and dense alike
 #   train     (not in `all`) the train bench, grouped against fused, compiled
+#   tiles     (not in `all`) the tile bench over the autotune lists, every step both ways of gathering and
+#             of placing the activation (fused_tiles.jsonl, fused_tiles.log)
+#   dispatch  (not in `all`) the dispatch cell's kernel profile (plan, gather, combine) at E8 k2 and
+#             E64 k8, CF 1.25, and the capacity bench for fused (random and skewed routing, host-ahead)
 # Records: OUT_DIR (default runs/benchmarks/fused_<date>) gets layer.{jsonl,csv}, layer_<run>.json,
-# fused_gpu_tests.txt and fused_profile.txt; with $OUT set (a collecting folder), a tarball of it too.
+# fused_gpu_tests.txt and fused_profile.txt (and train.*, fused_tiles.*, dispatch_profile.txt, capacity.*
+# from the stages outside `all`); with $OUT set (a collecting folder), a tarball of it too.
 set -uo pipefail
 out=${OUT_DIR:-runs/benchmarks/fused_$(date +%Y%m%d)}
 deadline=$((SECONDS + ${BUDGET_S:-570}))
@@ -58,7 +63,7 @@ layer_bench() {  # layer_bench CAP MODE: one process per shape (SHAPE_FILTER=swi
 
 run_stage() {
     case $1 in
-        tests) capped 330 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_fused.py tests/test_gpu.py \
+        tests) capped 450 python3 -m pytest -q -p no:cacheprovider --durations=15 tests/test_fused.py tests/test_gpu.py \
                    2>&1 | tee "$out/fused_gpu_tests.txt" ;;
         eager) layer_bench "${EAGER_CAP_S:-150}" none ;;  # a first call autotunes the Triton paths: SwiGLU with liger > 150 s
         profile) for shape in "8 2 4096" "64 8 1024"; do
@@ -67,7 +72,13 @@ run_stage() {
         compiled) layer_bench "${COMPILED_CAP_S:-120}" default ;;
         train) capped 580 python3 -m moe_core.bench train --device cuda --out "$out" \
                    --set "backends=[grouped, fused]" --set "compile_modes=[default]" ;;
-        *) echo "unknown stage $1: tests | eager | profile | compiled | train | all" >&2; return 2 ;;
+        tiles) capped 400 python3 -m moe_core.bench.fused_tiles --autotuned --out "$out" 2>&1 | tee "$out/fused_tiles.log" ;;
+        dispatch) for shape in "8 2 1.25" "64 8 1.25"; do
+                      capped 60 python3 -m moe_core.bench.profile dispatch fused $shape
+                  done 2>&1 | tee "$out/dispatch_profile.txt"
+                  capped 240 python3 -m moe_core.bench capacity --device cuda --out "$out" --set backend=fused \
+                      --set 'sources=[random, "skewed:1.0"]' ;;
+        *) echo "unknown stage $1: tests | eager | profile | compiled | train | tiles | dispatch | all" >&2; return 2 ;;
     esac
 }
 
