@@ -12,8 +12,8 @@ Prints, per (shape, GEMM, configuration), milliseconds and TFLOP/s (2 x kept row
 product over the median time), then each GEMM's best and, per shape, the sum of one forward +
 backward's steps with the gathers fused into the GEMMs' loads, with them done once beforehand, and
 with the activation apart too (the GEMMs that read gathered rows are timed both ways, the two with
-activation epilogues also as a plain GEMM followed by the activation's pass; gathers and passes once). ``--autotuned`` times
-only the configurations the autotuner chooses among. Appends every row to DIR/fused_tiles.jsonl as
+activation epilogues also as a plain GEMM followed by the activation's pass; gathers and passes
+once). ``--autotuned`` times only the configurations the autotuner chooses among. Appends every row to DIR/fused_tiles.jsonl as
 it is measured, so a run cut short keeps what it timed. A configuration that does not compile (too much
 shared memory) gets a row with its error. ``--compare`` reads two such files (say, before and after a
 kernel change) and prints, per shape and GEMM, the median over the configurations timed in both of

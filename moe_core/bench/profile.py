@@ -10,8 +10,8 @@ layer: T=32768, D=1024, CF 1.25, softk, bf16 weights and inputs (as the layer be
 compile_mode (default none) compiles both modules, as the layer bench's compile_modes axis does.
 step: E=8, D=256, 4 layers, 4 heads, k=2, CF 1.25, seq 256, vocab 96, bf16 autocast,
 torch.compile (default mode), fused AdamW. dispatch: the capacity bench's dispatch cell (the backend's
-data movement with identity experts; fused's plan, gather and combine) at T=32768, D=1024, softk, bf16. Each profile: 3 warm-up calls, 3 profiled; prints GPU
-ms per call and the costliest kernels.
+data movement with identity experts; fused's plan, gather and combine) at T=32768, D=1024, softk,
+bf16. Each profile: 3 warm-up calls, 3 profiled; prints GPU ms per call and the costliest kernels.
 
 Legend: T tokens, D model dim, B batch, S sequence length.
 """

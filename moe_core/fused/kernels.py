@@ -161,12 +161,19 @@ def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr,
 
 
 @triton.jit
-def _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, at, ok, SWIGLU: tl.constexpr, ACC: tl.constexpr):
-    """dh (and dg) at offsets ``at`` from da and the stored h (and g)."""
+def _load_hg(h_ptr, g_ptr, at, ok, SWIGLU: tl.constexpr, ACC: tl.constexpr):
+    """The stored h and g at offsets ``at`` (g is h for GELU, which has none)."""
     h = tl.load(h_ptr + at, mask=ok, other=0.0).to(ACC)
     g = h
     if SWIGLU:
         g = tl.load(g_ptr + at, mask=ok, other=0.0).to(ACC)
+    return h, g
+
+
+@triton.jit
+def _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, at, ok, SWIGLU: tl.constexpr, ACC: tl.constexpr):
+    """dh (and dg) at offsets ``at`` from da and the stored h (and g)."""
+    h, g = _load_hg(h_ptr, g_ptr, at, ok, SWIGLU, ACC)
     dh, dg = _act_grads(da, h, g, SWIGLU)
     tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=ok)
     if SWIGLU:
@@ -184,10 +191,7 @@ def _kept_elements(ends_ptr, E, F, BLOCK: tl.constexpr):
 def act_kernel(h_ptr, g_ptr, a_ptr, ends_ptr, E, F, SWIGLU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """a = act(h, g) over the kept rows, as a pass of its own (``up_kernel`` without EPILOGUE)."""
     at, ok = _kept_elements(ends_ptr, E, F, BLOCK)
-    h = tl.load(h_ptr + at, mask=ok, other=0.0).to(ACC)
-    g = h
-    if SWIGLU:
-        g = tl.load(g_ptr + at, mask=ok, other=0.0).to(ACC)
+    h, g = _load_hg(h_ptr, g_ptr, at, ok, SWIGLU, ACC)
     tl.store(a_ptr + at, _act(h, g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
 
 
