@@ -337,22 +337,28 @@ def plan_rows_kernel(sorted_ptr, keep_ptr, token_ptr, count_ptr, row_ptr, assign
 @triton.jit
 def plan_tiles_kernel(counts_ptr, through_ptr, ends_ptr, tile_expert_ptr, tile_row_ptr, E, M,
                       BM: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
-    """One program: ends_E from ``through`` at each expert's last sorted position, then each row tile's
-    expert (E past the last: empty) and first row, as ``make_plan`` computes them."""
+    """Program e writes expert e's row tiles (expert, first row), as ``make_plan`` computes them: its
+    starts and tile counts from ``through`` at each expert's last sorted position. The last program
+    also writes the tail, tiles past every expert's (expert E: empty); program 0 writes ends_E."""
+    e = tl.program_id(0)
     es = tl.arange(0, BE)
     e_ok = es < E
     counts = tl.load(counts_ptr + es, mask=e_ok, other=0)
     last = tl.cumsum(counts, 0)  # one past expert e's last sorted position
     ends = tl.load(through_ptr + last - 1, mask=e_ok & (last > 0), other=0)
     starts = tl.load(through_ptr + last - counts - 1, mask=e_ok & (last - counts > 0), other=0)
-    tl.store(ends_ptr + es, ends, mask=e_ok)
+    if e == 0:
+        tl.store(ends_ptr + es, ends, mask=e_ok)
     tiles = tl.where(e_ok, (ends - starts + BM - 1) // BM, 0)
     tile_ends = tl.cumsum(tiles, 0)
-    for m0 in range(0, M, BT):
+    mine = es == e
+    first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)
+    first_row = tl.sum(tl.where(mine, starts, 0), 0)
+    stop = tl.sum(tl.where(mine, tile_ends, 0), 0)
+    used = tl.max(tile_ends, 0)  # tiles of all experts
+    if e == E - 1:
+        stop = M
+    for m0 in range(first_tile, stop, BT):
         ms = m0 + tl.arange(0, BT)
-        expert = tl.sum(((tile_ends[None, :] <= ms[:, None]) & e_ok[None, :]).to(tl.int32), 1)
-        hit = es[None, :] == tl.minimum(expert, E - 1)[:, None]
-        first_row = tl.sum(tl.where(hit, starts[None, :], 0), 1)
-        first_tile = tl.sum(tl.where(hit, (tile_ends - tiles)[None, :], 0), 1)
-        tl.store(tile_expert_ptr + ms, expert, mask=ms < M)
-        tl.store(tile_row_ptr + ms, first_row + (ms - first_tile) * BM, mask=ms < M)
+        tl.store(tile_expert_ptr + ms, tl.where(ms < used, e, E), mask=ms < stop)
+        tl.store(tile_row_ptr + ms, first_row + (ms - first_tile) * BM, mask=ms < stop)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import kernels
 from .kernels import INTERPRETED
-from .plan import FusedPlan, make_plan, num_tiles, token_order
+from .plan import FusedPlan, num_tiles, token_order
 
 BLOCK_ROWS = 16 if INTERPRETED else 128  # BM
 _SMALL = {"BN": 32, "BK": 32}  # the interpreter's tiles (tl.dot wants >= 16)
@@ -110,7 +110,7 @@ def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tens
                                         chunks, BLOCK=block, BC=triton.next_power_of_2(chunks))
     ends_E = torch.empty(E, dtype=torch.long, device=dev)
     tile_expert_M, tile_row_M = (torch.empty(tiles, dtype=torch.long, device=dev) for _ in range(2))
-    kernels.plan_tiles_kernel[(1,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, E, tiles,
+    kernels.plan_tiles_kernel[(E,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, E, tiles,
                                     BM=BLOCK_ROWS, BE=triton.next_power_of_2(E), BT=16 if INTERPRETED else 128)
     return row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M
 
@@ -121,17 +121,9 @@ def _(sorted_A, keep_A, token_A, counts_E, tiles):
     return tuple(sorted_A.new_empty(n) for n in (A, A, A, E, M, M))
 
 
-# The plan's kernels where they were measured faster than make_plan: at E = 8 they took 0.014 of the dispatch
-# cell's 0.136 GPU ms (make_plan's ~40 kernels: 0.062 of 0.184). Their tile map is one program comparing each
-# tile with every expert, which took 0.29 ms at E = 64, k = 8: slower than make_plan there (BENCHMARKS.md).
-PLAN_KERNELS_MAX_EXPERTS = 8
-
-
 def build_plan(routing) -> FusedPlan:
     """``plan.make_plan(routing, BLOCK_ROWS)``'s tensors: from three kernels (and the token order's two or
-    three PyTorch ones) in place of about forty, up to ``PLAN_KERNELS_MAX_EXPERTS`` experts."""
-    if routing.num_experts > PLAN_KERNELS_MAX_EXPERTS:
-        return make_plan(routing, BLOCK_ROWS)
+    three PyTorch ones) in place of about forty."""
     row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M = _plan_rows(
         routing.sorted_A, routing.keep_A, routing.token_A, routing.counts_E, num_tiles(routing, BLOCK_ROWS))
     token_offs_T1, token_assign_A = token_order(routing)

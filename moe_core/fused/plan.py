@@ -2,8 +2,7 @@
 maps the kernels read. Built from device tensors with no host synchronisation: every size is a
 static upper bound (A rows, cdiv(A, BM) + E row tiles) and the unused tail is never read.
 ``make_plan`` states it in PyTorch (about 40 small kernels on a GPU); ``ops_triton.build_plan``
-builds the same tensors in three Triton kernels (up to 8 experts, where they were measured faster),
-tested equal to it.
+builds the same tensors in three Triton kernels, tested equal to it.
 
 Legend: T tokens, E experts, A assignments, N rows (= A; the first ``ends_E[-1]`` hold the kept
 assignments, expert by expert), M row tiles, BM rows per tile.
