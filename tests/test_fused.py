@@ -415,3 +415,65 @@ def test_triton_plan_equals_make_plan(router, cf, T, E):
             assert torch.equal(getattr(got, name), value), name
         else:
             assert getattr(got, name) == value, name
+
+
+# Pointer element types by argument name for lowering (others are 16-bit data; scalars are i32).
+_POINTER_TYPES = {"*i64": {"token_ptr", "tile_expert_ptr", "tile_row_ptr", "ends_ptr", "left_idx_ptr", "right_idx_ptr",
+                           "row_of_ptr", "offs_ptr", "assign_ptr", "sorted_ptr", "through_ptr", "counts_ptr", "row_ptr",
+                           "token_n_ptr"},
+                  "*i32": {"count_ptr"}, "*u8": {"keep_ptr"}, "*fp32": {"weight_ptr", "scale_ptr"}}
+_BLOCKS = dict(BM=128, BN=128, BK=64, BI=128, BJ=128, BR=64, BD=512, BA=16, BLOCK=1024, BE=64, BT=128, BC=256)
+
+
+def lower_kernels() -> list[str]:
+    """Every kernel of ``moe_core.fused.kernels`` in each combination of its flags, lowered to Triton IR
+    for an sm_90 target (the compiler's front end: types, control flow; no GPU needed). Run in a process
+    where triton is not interpreted. Returns one line per kernel and flag combination that fails."""
+    import itertools
+
+    import triton
+    import triton._C.libtriton as libtriton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    from moe_core.fused import kernels
+    assert not kernels.INTERPRETED
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    options = backend.parse_options({})
+    failures = []
+    for name, fn in vars(kernels).items():
+        if not (name.endswith("_kernel") and isinstance(fn, triton.JITFunction)):
+            continue
+        constexprs = [p.name for p in fn.params if p.is_constexpr]
+        flags = [c for c in constexprs if c not in _BLOCKS and c not in ("ACC", "PREC")]
+        signature = {p.name: "constexpr" if p.is_constexpr else next(
+            (t for t, names in _POINTER_TYPES.items() if p.name in names), "*bf16" if p.name.endswith("_ptr") else "i32")
+            for p in fn.params}
+        for values in itertools.product((False, True), repeat=len(flags)):
+            fixed = {c: _BLOCKS[c] for c in constexprs if c in _BLOCKS} | dict(zip(flags, values))
+            fixed |= {c: v for c, v in (("ACC", tl.float32), ("PREC", None)) if c in constexprs}
+            context = libtriton.ir.context()
+            libtriton.ir.load_dialects(context)
+            backend.load_dialects(context)
+            try:
+                ASTSource(fn, signature, constexprs=fixed).make_ir(
+                    target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+            except Exception as error:  # noqa: BLE001 - every failure is reported, with its kernel and flags
+                failures.append(f"{name} {dict(zip(flags, values))}: {str(error).splitlines()[-1]}")
+    return failures
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_every_kernel_lowers_to_triton_ir_for_a_hopper_gpu():
+    """The interpreter runs kernels that the compiler rejects (a variable that changes type inside an
+    ``if``, say); lowering each one to Triton IR catches that on a machine without a GPU."""
+    import subprocess
+    import sys
+    script = "import sys; sys.path.insert(0, 'tests'); from test_fused import lower_kernels; print(*lower_kernels(), sep='\\n')"
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "", done.stdout

@@ -355,9 +355,8 @@ def plan_tiles_kernel(counts_ptr, through_ptr, ends_ptr, tile_expert_ptr, tile_r
     first_tile = tl.sum(tl.where(mine, tile_ends - tiles, 0), 0)
     first_row = tl.sum(tl.where(mine, starts, 0), 0)
     stop = tl.sum(tl.where(mine, tile_ends, 0), 0)
+    stop = tl.where(e == E - 1, M, stop)  # the last program also writes the tail, tiles past every expert's
     used = tl.max(tile_ends, 0)  # tiles of all experts
-    if e == E - 1:
-        stop = M
     for m0 in range(first_tile, stop, BT):
         ms = m0 + tl.arange(0, BT)
         tl.store(tile_expert_ptr + ms, tl.where(ms < used, e, E), mask=ms < stop)
