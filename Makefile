@@ -89,7 +89,7 @@ BENCH_DIR ?= runs/benchmarks/h100_20261126
 # frontier's tokens/s, since the sweep's runs shared their GPUs.
 SOLO_DIR ?= runs/benchmarks/h200x4_20261128_5996a0f_solo_v2
 # Experiment B's capacity bench with all three routing sources (random, skewed, a trained checkpoint).
-CAPACITY_DIR ?= runs/benchmarks/h100_20261126_91bb604_x3
+CAPACITY_DIR ?= runs/benchmarks/capacity_h200_20261128_a7b3b11_x3
 # Expert-parallel bench records: one directory per GPU host and world size, comma-separated.
 EP_DIRS ?= runs/benchmarks/h200x2_20261128_3135d0a
 PAPER_DIRS := -p experiment $(EXPERIMENT) -p figures_dir $(FIGURES_DIR) -p tables_dir $(TABLES_DIR)

@@ -190,12 +190,17 @@ def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict
                 "cap copy gbps": float(capacity["copy_gbps"].median()),
                 "cap cells": len(capacity.drop_duplicates(cell)), "cap runs": capacity["run_id"].nunique(),
                 "cap sources": ", ".join(capacity["source"].unique()), "cap dir": capacity_dir.name,
-                "cap date": _date(_run_id(capacity_dir, "capacity"))}
+                "cap date": _date(_run_id(capacity_dir, "capacity")), "cap device": str(capacity["device_name"].iloc[0]),
+                "cap timing": "host-ahead" if cap_record.get("config", {}).get("host_ahead") else "plain"}
     if capacity["run_id"].nunique() > 1:  # how far a cell moves between the bench runs the figure averages
-        cv = spread(capacity, "capacity").groupby("column")["cv"]
-        numbers |= {"cap dispatch cv pct": 100 * cv.median()["dispatch_ms"],
-                    "cap layer cv pct": 100 * cv.median()["layer_ms"],
-                    "cap layer cv max pct": 100 * cv.max()["layer_ms"]}
+        cells = spread(capacity, "capacity")
+        for column, name in (("dispatch_ms", "dispatch"), ("layer_ms", "layer")):
+            per = cells[cells["column"] == column]
+            over = per[per["cv"] > 0.03]
+            numbers |= {f"cap {name} cv pct": 100 * per["cv"].median(), f"cap {name} cv max pct": 100 * per["cv"].max(),
+                        f"cap {name} cv le3 cells": int((per["cv"] <= 0.03).sum()), f"cap {name} cv cells": len(per),
+                        f"cap {name} cv over3 cells": len(over),
+                        f"cap {name} cv over3 dropless": int(over["cf_label"].eq("dropless").sum())}
     if cap_record.get("config", {}).get("checkpoint"):  # the training run whose router gave the logits
         numbers["cap checkpoint run"] = Path(cap_record["config"]["checkpoint"]).parent.name
     latest_train = pd.read_csv(latest_dir / "train.csv")
