@@ -90,6 +90,28 @@ def test_kernels_match_reference_float64(router, cf, activation):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("router,cf,activation", [("softk", 1.0, "gelu"), ("topk_hard", None, "swiglu")])
+def test_persistent_gemms_match_reference_float64(router, cf, activation, monkeypatch):
+    """Where K is a multiple of the reduction tile (D = 64, F = 96 here) the GEMMs that read plain rows run
+    persistent (three programs looping over the tiles) and read their operands through tensor descriptors,
+    the weights stacked as [E*K, J] or, transposed, as [E*J, K]: equal to the per-token reference in
+    float64 and to the one-program-per-tile kernels, with the activation apart or in the epilogues."""
+    from moe_core.fused import ops_triton
+    layer, x, ids = fused_layer(router, cf, activation, T=70, D=64, F=96, dtype=torch.float64)
+    ex = layer.experts
+    flags = [ops_triton.operands([x], [w])[2] for w in (ex.w1_EDF, ex.w2_EFD.transpose(1, 2))]
+    assert [(f["PERSISTENT"], f["B_T"]) for f in flags] == [(True, False), (True, True)]
+    want = outputs_and_grads(layer, x, lambda v: reference_forward(layer, v, ids))
+    for epilogue in (False, True):
+        got = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops_triton, True, epilogue)))
+        assert_all_close(got, want, 1e-5, 1e-5, f"persistent, epilogue={epilogue}")  # float32 gates
+        with monkeypatch.context() as patch:
+            patch.setattr(ops_triton, "PERSISTENT", False)
+            tiled = outputs_and_grads(layer, x, with_backend(layer, ids, fused_with(ops_triton, True, epilogue)))
+        assert_all_close(got, tiled, 1e-12, 1e-12, f"persistent vs per tile, epilogue={epilogue}")
+
+
+@needs_interpreter
 @pytest.mark.parametrize("router,cf,activation", [c for c in CASES if c[0] in ("softk", "expert_choice", "hash")])
 def test_kernels_match_loop_and_grouped_float32(router, cf, activation):
     layer, x, ids = fused_layer(router, cf, activation, T=48, seed=1)
@@ -252,26 +274,31 @@ def test_layer_bench_times_fused_and_notes_a_missing_liger_column(tmp_path, caps
     assert "no liger column at E=4 k=2 (none): liger-kernel's fused MoE needs CUDA" in capsys.readouterr().out
 
 
-def test_layer_bench_fused_epilogue_times_the_epilogue_way(tmp_path, monkeypatch):
-    """``fused_epilogue: true`` runs the fused backend with the activation in its GEMMs' epilogues; by
-    default it runs the passes; the setting does not outlive the bench."""
+@pytest.mark.parametrize("setting", ["fused_epilogue", "fused_persistent"])
+def test_layer_bench_times_the_fused_backends_other_ways(setting, tmp_path, monkeypatch):
+    """``fused_epilogue: true`` runs the fused backend with the activation in its GEMMs' epilogues (by
+    default: passes), ``fused_persistent: false`` its GEMMs one program per tile (by default: persistent
+    where they can); neither setting outlives the bench."""
     from moe_core.fused import function
-    seen = []
+    if setting == "fused_persistent" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    module, name = (function, "EPILOGUE") if setting == "fused_epilogue" else (function.ops_triton, "PERSISTENT")
+    default, seen = getattr(module, name), []
     real = function.fused_forward
-    monkeypatch.setattr(function, "fused_forward", lambda *args: seen.append(args[-1]) or real(*args))
+    monkeypatch.setattr(function, "fused_forward", lambda *args: seen.append(getattr(module, name)) or real(*args))
     shape = {"tokens": 32, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2}
     for on in (True, False):
-        cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["fused"], warmup=1,
-                                     fused_epilogue=on)
+        cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["fused"], warmup=1, **{setting: on})
         assert bench.run_layer(cfg, tmp_path).loc[0, "status"] == "ok"
         assert seen and set(seen) == {on}
         seen.clear()
-    assert function.EPILOGUE is False
+    assert getattr(module, name) is default
 
 
 @pytest.mark.parametrize("config,kwargs,message", [
     ("LayerBenchConfig", {"backends": ["fused", "megablocks"]}, "LayerBenchConfig.backends: unknown ['megablocks']"),
     ("LayerBenchConfig", {"fused_epilogue": "yes"}, "LayerBenchConfig.fused_epilogue: must be true or false"),
+    ("LayerBenchConfig", {"fused_persistent": 1}, "LayerBenchConfig.fused_persistent: must be true or false"),
     ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1, "act": "gelu"}]},
      "LayerBenchConfig.shapes: each shape maps"),
     ("LayerBenchConfig", {"shapes": [{"tokens": 8, "dim": 8, "hidden": 8, "experts": 2, "top_k": 1,
@@ -296,7 +323,9 @@ def test_fixed_tiles_launches_one_configuration_and_restores_the_autotuned_lists
     tn = triton.Config({"BI": 64, "BJ": 64, "BR": 32}, num_warps=4, num_stages=2)
     with pytest.raises(RuntimeError, match="inside"), ops_triton.fixed_tiles(gemm, tn):
         for name in ops_triton._LAUNCHERS:
-            assert getattr(ops_triton, name).configs == [tn if name == "_TN" else gemm]
+            (config,) = getattr(ops_triton, name).configs  # a GEMM's also sets its descriptors' block shapes
+            assert config is tn if name == "_TN" else (config.kwargs, config.num_warps, config.num_stages,
+                                                       config.pre_hook) == (gemm.kwargs, 4, 2, ops_triton._set_blocks)
         raise RuntimeError("inside")
     assert {name: getattr(ops_triton, name) for name in ops_triton._LAUNCHERS} == saved
 
@@ -422,13 +451,27 @@ _POINTER_TYPES = {"*i64": {"token_ptr", "tile_expert_ptr", "tile_row_ptr", "ends
                            "row_of_ptr", "offs_ptr", "assign_ptr", "sorted_ptr", "through_ptr", "counts_ptr", "row_ptr",
                            "token_n_ptr"},
                   "*i32": {"count_ptr"}, "*u8": {"keep_ptr"}, "*fp32": {"weight_ptr", "scale_ptr"}}
-_BLOCKS = dict(BM=128, BN=128, BK=64, BI=128, BJ=128, BR=64, BD=512, BA=16, BLOCK=1024, BE=64, BT=128, BC=256)
+_BLOCKS = dict(BM=128, BN=128, BK=64, BI=128, BJ=128, BR=64, BD=512, BA=16, BLOCK=1024, BE=64, BT=128, BC=256,
+               PROGRAMS=132)
+
+
+def _arg_type(name: str, flag: dict, ops_triton) -> str:
+    """A kernel argument's type in a signature: a GEMM operand is a tensor descriptor with PERSISTENT
+    (block rows x reduction for A, and for B^T with B_T; else reduction x columns), a pointer otherwise."""
+    operand = name in ops_triton._A_OPERANDS + ops_triton._B_OPERANDS
+    if operand and flag.get("PERSISTENT"):
+        rows = _BLOCKS["BM"] if name in ops_triton._A_OPERANDS else _BLOCKS["BN"] if flag["B_T"] else None
+        return f"tensordesc<bf16[{rows}, {_BLOCKS['BK']}]>" if rows else f"tensordesc<bf16[{_BLOCKS['BK']}, {_BLOCKS['BN']}]>"
+    if operand or name.endswith("_ptr"):
+        return next((t for t, names in _POINTER_TYPES.items() if name in names), "*bf16")
+    return "i32"
 
 
 def lower_kernels() -> list[str]:
-    """Every kernel of ``moe_core.fused.kernels`` in each combination of its flags, lowered to Triton IR
-    for an sm_90 target (the compiler's front end: types, control flow; no GPU needed). Run in a process
-    where triton is not interpreted. Returns one line per kernel and flag combination that fails."""
+    """Every kernel of ``moe_core.fused.kernels`` in each combination of its flags that ``ops_triton``
+    launches (PERSISTENT: the operands as tensor descriptors, never with GATHER; B_T only then), lowered
+    to Triton IR for an sm_90 target (the compiler's front end: types, control flow; no GPU needed). Run
+    in a process where triton is not interpreted. Returns one line per kernel and flags that fail."""
     import itertools
 
     import triton
@@ -438,7 +481,7 @@ def lower_kernels() -> list[str]:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    from moe_core.fused import kernels
+    from moe_core.fused import kernels, ops_triton
     assert not kernels.INTERPRETED
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
@@ -449,11 +492,13 @@ def lower_kernels() -> list[str]:
             continue
         constexprs = [p.name for p in fn.params if p.is_constexpr]
         flags = [c for c in constexprs if c not in _BLOCKS and c not in ("ACC", "PREC")]
-        signature = {p.name: "constexpr" if p.is_constexpr else next(
-            (t for t, names in _POINTER_TYPES.items() if p.name in names), "*bf16" if p.name.endswith("_ptr") else "i32")
-            for p in fn.params}
         for values in itertools.product((False, True), repeat=len(flags)):
-            fixed = {c: _BLOCKS[c] for c in constexprs if c in _BLOCKS} | dict(zip(flags, values))
+            flag = dict(zip(flags, values))
+            if (flag.get("PERSISTENT") and flag.get("GATHER")) or (flag.get("B_T") and not flag.get("PERSISTENT")):
+                continue
+            signature = {p.name: "constexpr" if p.is_constexpr else _arg_type(p.name, flag, ops_triton)
+                         for p in fn.params}
+            fixed = {c: _BLOCKS[c] for c in constexprs if c in _BLOCKS} | flag
             fixed |= {c: v for c, v in (("ACC", tl.float32), ("PREC", None)) if c in constexprs}
             context = libtriton.ir.context()
             libtriton.ir.load_dialects(context)

@@ -168,6 +168,8 @@ class LayerBenchConfig(BenchConfig):
     dense_repeats: int = 1
     # the fused backend with the activation in its GEMMs' epilogues instead of passes (its other way)
     fused_epilogue: bool = False
+    # the fused backend's GEMMs one program per tile instead of persistent with TMA loads (its other way)
+    fused_persistent: bool = True
 
     SECTION = "layer"
     SHAPE_KEYS = ("tokens", "dim", "hidden", "experts", "top_k")
@@ -187,8 +189,8 @@ class LayerBenchConfig(BenchConfig):
         self._require(bool(self.backends) and not unknown, "backends", f"unknown {unknown}; valid: {', '.join(valid)}")
         self._require(isinstance(self.dense_repeats, int) and self.dense_repeats >= 1, "dense_repeats",
                       f"must be an integer >= 1, got {self.dense_repeats!r}")
-        self._require(isinstance(self.fused_epilogue, bool), "fused_epilogue",
-                      f"must be true or false, got {self.fused_epilogue!r}")
+        for name in ("fused_epilogue", "fused_persistent"):
+            self._require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
         self._require(bool(self.compile_modes) and not bad_modes, "compile_modes",
                       f"unknown {bad_modes}; valid: none, {', '.join(COMPILE_MODES)}")

@@ -13,7 +13,7 @@ import torch
 
 from ..config import MoEConfig
 from ..flops import ffn_forward_flops_per_token, peak_flops
-from ..fused import epilogues
+from ..fused import epilogues, persistent
 from ..model import DenseFeedForward
 from ..moe import MoEFeedForward
 from .configs import LIGER, LayerBenchConfig
@@ -76,7 +76,7 @@ def _time_backend(cfg: LayerBenchConfig, layer: MoEFeedForward, backend: str, mo
     dev = cfg.torch_device
     if backend != LIGER:
         layer.backend = backend
-        with epilogues(cfg.fused_epilogue):  # read by the fused backend only
+        with epilogues(cfg.fused_epilogue), persistent(cfg.fused_persistent):  # read by the fused backend only
             return guarded(lambda: {"moe_ms": time_median_ms(fwd_bwd(compiled(layer, mode)), inputs, dev,
                                                              **cfg.timing)})
     note = liger_unavailable(layer.cfg, dev)

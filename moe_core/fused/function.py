@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 from dataclasses import fields
 
 import torch
@@ -170,15 +171,25 @@ def dispatch_combine(x_TD: torch.Tensor, routing, experts=None) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def epilogues(on: bool = True):
-    """Inside the block the fused backend computes the activation in its GEMMs' epilogues (``on``), or in
-    passes: how the layer bench times the other way in the same run (``fused_epilogue``)."""
-    global EPILOGUE
-    saved, EPILOGUE = EPILOGUE, on
+def _setting(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        EPILOGUE = saved
+        setattr(module, name, saved)
+
+
+def epilogues(on: bool = True):
+    """Inside the block the fused backend computes the activation in its GEMMs' epilogues (``on``), or in
+    passes: how the layer bench times the other way in one command (``fused_epilogue``)."""
+    return _setting(sys.modules[__name__], "EPILOGUE", on)
+
+
+def persistent(on: bool = True):
+    """Inside the block the GEMMs that read plain rows run persistent, through tensor descriptors, where
+    they can (``on``, the default), or one program per tile: the layer bench's ``fused_persistent``."""
+    return _setting(ops_triton, "PERSISTENT", on) if HAS_TRITON else contextlib.nullcontext()
 
 
 def op_args(x_TD: torch.Tensor, routing, experts, ops=None, pregather: bool = True,

@@ -55,109 +55,145 @@ def _act_grads(da, h, g, SWIGLU: tl.constexpr):
 
 
 @triton.jit
-def _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
-    """This program's expert e (E: an empty tile), its rows and which of them are e's (a tile's tail may
-    not be), its output columns and which of them exist. One grid axis, column tiles fastest."""
+def _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Program (or persistent iteration) p's expert e (E: an empty tile), its first row and column, its
+    rows and which of them are e's (a tile's tail may not be), its output columns and which exist.
+    Column tiles fastest."""
     column_tiles = tl.cdiv(N, BN)
-    m = tl.program_id(0) // column_tiles
+    m = p // column_tiles
     e = tl.load(tile_expert_ptr + m)
-    rows = tl.load(tile_row_ptr + m) + tl.arange(0, BM)
-    cols = (tl.program_id(0) % column_tiles) * BN + tl.arange(0, BN)
-    return e, rows, rows < tl.load(ends_ptr + tl.minimum(e, E - 1)), cols, cols < N
+    row0 = tl.load(tile_row_ptr + m)
+    col0 = (p % column_tiles) * BN
+    rows, cols = row0 + tl.arange(0, BM), col0 + tl.arange(0, BN)
+    row_ok = rows < tl.where(e < E, tl.load(ends_ptr + tl.minimum(e, E - 1)), 0)
+    return e, row0, col0, rows, row_ok, cols, cols < N
 
 
 @triton.jit
-def up_kernel(x_ptr, token_ptr, w1_ptr, w3_ptr, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
-              E, D, F, sw_e, sw_k, sw_n,
-              GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
-              PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); with EPILOGUE a = act(h, g) as well (else
-    ``act_kernel`` computes it in a pass of its own). Without GATHER, x holds the rows already gathered
-    (x[n] for row n)."""
-    e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
-    if e >= E:
-        return
-    token = rows
-    if GATHER:
-        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-    acc_h = tl.zeros((BM, BN), dtype=ACC)
-    acc_g = tl.zeros((BM, BN), dtype=ACC)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < D
-        x = tl.load(x_ptr + token[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_off = e * sw_e + ks[:, None] * sw_k + cols[None, :] * sw_n
-        w_ok = k_ok[:, None] & col_ok[None, :]
-        acc_h = tl.dot(x, tl.load(w1_ptr + w_off, mask=w_ok, other=0.0), acc_h, input_precision=PREC)
-        if SWIGLU:
-            acc_g = tl.dot(x, tl.load(w3_ptr + w_off, mask=w_ok, other=0.0), acc_g, input_precision=PREC)
-    out = rows[:, None] * F + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(h_ptr + out, acc_h.to(h_ptr.dtype.element_ty), mask=ok)
-    if SWIGLU:
-        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=ok)
-    if EPILOGUE:
-        tl.store(a_ptr + out, _act(acc_h, acc_g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
+def _tiles(tile_expert_ptr, tiles_used_ptr, E, N, PERSISTENT: tl.constexpr, PROGRAMS: tl.constexpr,
+           BN: tl.constexpr):
+    """The tiles this program computes, as range(first, stop, step): with PERSISTENT every PROGRAMS-th
+    tile in use from its own id, else its one tile, or none when that tile is empty."""
+    p = tl.program_id(0)
+    if PERSISTENT:
+        first, stop, step = p, tl.load(tiles_used_ptr).to(tl.int32) * tl.cdiv(N, BN), PROGRAMS
+    else:
+        first, stop, step = p, tl.where(tl.load(tile_expert_ptr + p // tl.cdiv(N, BN)) < E, p + 1, p), 1
+    return first, stop, step
 
 
 @triton.jit
-def rows_kernel(a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
-                E, K, N, sb_e, sb_k, sb_n,
-                TWO: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[n] = a1[n] @ B1[e] (+ a2[n] @ B2[e]) for the rows n of expert e; B1, B2 share strides."""
-    e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM, BN)
-    if e >= E:
-        return
+def _b_tile(b, e, k0, ks, k_ok, col0, cols, col_ok, K, J, sb_e, sb_k, sb_n, TMA: tl.constexpr, B_T: tl.constexpr):
+    """B[e][k0:k0+BK, col0:col0+BN]: by pointers, or through a tensor descriptor of the experts' B stacked
+    as [E*K, J] (B_T: of their B^T as [E*J, K], loaded and transposed)."""
+    if TMA:
+        if B_T:
+            w = b.load([e * J + col0, k0]).T
+        else:
+            w = b.load([e * K + k0, col0])
+    else:
+        w = tl.load(b + e * sb_e + ks[:, None] * sb_k + cols[None, :] * sb_n, mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+    return w
+
+
+@triton.jit
+def _dot_tiles(a, b, b2, a_rows, row0, row_ok, e, col0, cols, col_ok, K, J, sb_e, sb_k, sb_n, ACC: tl.constexpr,
+               TWO_B: tl.constexpr, TMA: tl.constexpr, B_T: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """(A[a_rows] @ B[e], A[a_rows] @ B2[e]) over this tile's columns, the second with TWO_B only: A read
+    once per reduction step, by pointers (rows ``a_rows``, gathered or not) or, with TMA, through tensor
+    descriptors (rows from ``row0``; rows of other experts or past the end are computed, never stored)."""
     acc = tl.zeros((BM, BN), dtype=ACC)
+    acc2 = tl.zeros((BM, BN), dtype=ACC)
+    e32 = e.to(tl.int32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         k_ok = ks < K
-        a_off = rows[:, None] * K + ks[None, :]
-        a_ok = row_ok[:, None] & k_ok[None, :]
-        b_off = e * sb_e + ks[:, None] * sb_k + cols[None, :] * sb_n
-        b_ok = k_ok[:, None] & col_ok[None, :]
-        acc = tl.dot(tl.load(a1_ptr + a_off, mask=a_ok, other=0.0), tl.load(b1_ptr + b_off, mask=b_ok, other=0.0),
-                     acc, input_precision=PREC)
-        if TWO:
-            acc = tl.dot(tl.load(a2_ptr + a_off, mask=a_ok, other=0.0),
-                         tl.load(b2_ptr + b_off, mask=b_ok, other=0.0), acc, input_precision=PREC)
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        if TMA:
+            x = a.load([row0.to(tl.int32), k0])
+        else:
+            x = tl.load(a + a_rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x, _b_tile(b, e32, k0, ks, k_ok, col0, cols, col_ok, K, J, sb_e, sb_k, sb_n, TMA, B_T), acc,
+                     input_precision=PREC)
+        if TWO_B:
+            acc2 = tl.dot(x, _b_tile(b2, e32, k0, ks, k_ok, col0, cols, col_ok, K, J, sb_e, sb_k, sb_n, TMA, B_T),
+                          acc2, input_precision=PREC)
+    return acc, acc2
 
 
 @triton.jit
-def act_grad_kernel(dy_ptr, token_ptr, weight_ptr, w2_ptr, h_ptr, g_ptr, dh_ptr, dg_ptr,
-                    tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n,
-                    GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
-                    PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def up_kernel(x, token_ptr, w1, w3, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, tiles_used_ptr,
+              E, D, F, sw_e, sw_k, sw_n,
+              GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr,
+              B_T: tl.constexpr, PROGRAMS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr):
+    """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); with EPILOGUE a = act(h, g) as well (else
+    ``act_kernel`` computes it in a pass of its own). Without GATHER, x holds the rows already gathered
+    (x[n] for row n). PERSISTENT: a program per SM loops over the tiles, x and the weights are tensor
+    descriptors (no GATHER)."""
+    first, stop, step = _tiles(tile_expert_ptr, tiles_used_ptr, E, F, PERSISTENT, PROGRAMS, BN)
+    for p in tl.range(first, stop, step, flatten=PERSISTENT):
+        e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
+        token = rows
+        if GATHER:
+            token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+        acc_h, acc_g = _dot_tiles(x, w1, w3, token, row0, row_ok, e, col0, cols, col_ok, D, F, sw_e, sw_k, sw_n, ACC,
+                                  SWIGLU, PERSISTENT, B_T, PREC, BM, BN, BK)
+        out = rows[:, None] * F + cols[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        tl.store(h_ptr + out, acc_h.to(h_ptr.dtype.element_ty), mask=ok)
+        if SWIGLU:
+            tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=ok)
+        if EPILOGUE:
+            tl.store(a_ptr + out, _act(acc_h, acc_g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def rows_kernel(a1, b1, a2, b2, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, tiles_used_ptr,
+                E, K, N, sb_e, sb_k, sb_n,
+                TWO: tl.constexpr, PERSISTENT: tl.constexpr, B_T: tl.constexpr, PROGRAMS: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[n] = a1[n] @ B1[e] (+ a2[n] @ B2[e]) for the rows n of expert e; B1, B2 share strides."""
+    first, stop, step = _tiles(tile_expert_ptr, tiles_used_ptr, E, N, PERSISTENT, PROGRAMS, BN)
+    for p in tl.range(first, stop, step, flatten=PERSISTENT):
+        e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM, BN)
+        acc, _ = _dot_tiles(a1, b1, b1, rows, row0, row_ok, e, col0, cols, col_ok, K, N, sb_e, sb_k, sb_n, ACC,
+                            False, PERSISTENT, B_T, PREC, BM, BN, BK)
+        if TWO:
+            acc2, _ = _dot_tiles(a2, b2, b2, rows, row0, row_ok, e, col0, cols, col_ok, K, N, sb_e, sb_k, sb_n, ACC,
+                                 False, PERSISTENT, B_T, PREC, BM, BN, BK)
+            acc += acc2
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def act_grad_kernel(dy, token_ptr, weight_ptr, w2, h_ptr, g_ptr, dh_ptr, dg_ptr,
+                    tile_expert_ptr, tile_row_ptr, ends_ptr, tiles_used_ptr, E, D, F, sw_e, sw_k, sw_n,
+                    GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr,
+                    B_T: tl.constexpr, PROGRAMS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """da = weight[n] * dy[token[n]] @ W2[e]^T (the gather fused into the loads, the gate weight into
     the epilogue), then with EPILOGUE the activation's backward from the stored h (and g): dh (and dg);
     without it da is stored in dh for ``act_backward_kernel``. Without GATHER, dy holds the rows already
     gathered and weighted (weight[n] * dy[token[n]] for row n)."""
-    e, rows, row_ok, cols, col_ok = _tile(tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
-    if e >= E:
-        return
-    token = rows
-    if GATHER:
-        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-    acc = tl.zeros((BM, BN), dtype=ACC)
-    for k0 in range(0, D, BK):
-        ks = k0 + tl.arange(0, BK)
-        k_ok = ks < D
-        dy = tl.load(dy_ptr + token[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w2_ptr + e * sw_e + ks[:, None] * sw_k + cols[None, :] * sw_n,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=PREC)
-    da = acc
-    if GATHER:
-        da = acc * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-    out = rows[:, None] * F + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    if EPILOGUE:
-        _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, out, ok, SWIGLU, ACC)
-    else:
-        tl.store(dh_ptr + out, da.to(dh_ptr.dtype.element_ty), mask=ok)
+    first, stop, step = _tiles(tile_expert_ptr, tiles_used_ptr, E, F, PERSISTENT, PROGRAMS, BN)
+    for p in tl.range(first, stop, step, flatten=PERSISTENT):
+        e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
+        token = rows
+        if GATHER:
+            token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+        da, _ = _dot_tiles(dy, w2, w2, token, row0, row_ok, e, col0, cols, col_ok, D, F, sw_e, sw_k, sw_n, ACC,
+                           False, PERSISTENT, B_T, PREC, BM, BN, BK)
+        if GATHER:
+            da = da * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+        out = rows[:, None] * F + cols[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        if EPILOGUE:
+            _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, out, ok, SWIGLU, ACC)
+        else:
+            tl.store(dh_ptr + out, da.to(dh_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -335,11 +371,12 @@ def plan_rows_kernel(sorted_ptr, keep_ptr, token_ptr, count_ptr, row_ptr, assign
 
 
 @triton.jit
-def plan_tiles_kernel(counts_ptr, through_ptr, ends_ptr, tile_expert_ptr, tile_row_ptr, E, M,
+def plan_tiles_kernel(counts_ptr, through_ptr, ends_ptr, tile_expert_ptr, tile_row_ptr, tiles_used_ptr, E, M,
                       BM: tl.constexpr, BE: tl.constexpr, BT: tl.constexpr):
     """Program e writes expert e's row tiles (expert, first row), as ``make_plan`` computes them: its
     starts and tile counts from ``through`` at each expert's last sorted position. The last program
-    also writes the tail, tiles past every expert's (expert E: empty); program 0 writes ends_E."""
+    also writes the tail, tiles past every expert's (expert E: empty); program 0 writes ends_E and
+    the count of tiles in use."""
     e = tl.program_id(0)
     es = tl.arange(0, BE)
     e_ok = es < E
@@ -357,6 +394,8 @@ def plan_tiles_kernel(counts_ptr, through_ptr, ends_ptr, tile_expert_ptr, tile_r
     stop = tl.sum(tl.where(mine, tile_ends, 0), 0)
     stop = tl.where(e == E - 1, M, stop)  # the last program also writes the tail, tiles past every expert's
     used = tl.max(tile_ends, 0)  # tiles of all experts
+    if e == 0:
+        tl.store(tiles_used_ptr, used)
     for m0 in range(first_tile, stop, BT):
         ms = m0 + tl.arange(0, BT)
         tl.store(tile_expert_ptr + ms, tl.where(ms < used, e, E), mask=ms < stop)

@@ -8,10 +8,12 @@ Legend: T tokens, D model dim, F expert hidden, E experts, A assignments, N rows
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import kernels
 from .kernels import INTERPRETED
@@ -22,16 +24,32 @@ _SMALL = {"BN": 32, "BK": 32}  # the interpreter's tiles (tl.dot wants >= 16)
 # The fastest tiles of each GEMM at the layer bench's shapes on an H200 (python -m moe_core.bench.fused_tiles,
 # runs/benchmarks/fused_20261128_h200_ae4f4a2): 256-column tiles for most, 128 for the SwiGLU up-projection
 # and the activation gradient; 128 x 128 output tiles over 64 rows for the weight gradients.
-_GEMM_CONFIGS = [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-                 for bn, bk, w, s in [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 4), (128, 64, 8, 4),
-                                      (128, 64, 8, 3)]]
+_A_OPERANDS, _B_OPERANDS = ("x", "a1", "a2", "dy"), ("w1", "w3", "b1", "b2", "w2")  # the GEMM kernels' names
+
+
+def _set_blocks(nargs: dict) -> None:
+    """A GEMM configuration's pre-hook: the block shapes of the operands passed as tensor descriptors."""
+    for name in _A_OPERANDS + _B_OPERANDS:
+        if isinstance(nargs.get(name), TensorDescriptor):
+            a, b_t = name in _A_OPERANDS, nargs["B_T"]
+            nargs[name].block_shape = [nargs["BM"] if a else nargs["BN"] if b_t else nargs["BK"],
+                                       nargs["BK"] if a or b_t else nargs["BN"]]
+
+
+def gemm_config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    """A grouped GEMM's tiles (the row tile BM is the plan's), with the descriptors' block shapes set to them."""
+    return triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages, pre_hook=_set_blocks)
+
+
+_GEMM_CONFIGS = [gemm_config(bn, bk, w, s) for bn, bk, w, s in [(256, 64, 8, 4), (256, 64, 8, 3), (256, 32, 8, 4),
+                                                                (128, 64, 8, 4), (128, 64, 8, 3)]]
 _TN_CONFIGS = [triton.Config({"BI": bi, "BJ": bj, "BR": br}, num_warps=w, num_stages=s)
                for bi, bj, br, w, s in [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3)]]
 
 
 # 4-byte operands (the float32 correctness path) take one small tile: the 16-bit tiles do not fit them in
 # shared memory, and compiling those tiles to IEEE FMA loops takes minutes per configuration.
-_FOUR_BYTE = {"gemm": triton.Config({"BN": 64, "BK": 32}, num_warps=4, num_stages=3),
+_FOUR_BYTE = {"gemm": gemm_config(64, 32, 4, 3),
               "tn": triton.Config({"BI": 64, "BJ": 64, "BR": 32}, num_warps=4, num_stages=3)}
 
 
@@ -40,7 +58,7 @@ def prune_tiles(configs: list, named_args: dict, **kwargs) -> list:
     wider than the (power-of-two rounded) columns are dropped, so a small problem compiles few."""
     args = {**named_args, **kwargs}
     kind = "tn" if "BI" in configs[0].kwargs else "gemm"
-    if next(v for v in args.values() if isinstance(v, torch.Tensor)).element_size() > 2:
+    if next(v for v in args.values() if isinstance(v, torch.Tensor) and v.is_floating_point()).element_size() > 2:
         return [_FOUR_BYTE[kind]]
     columns = {"BI": args.get("I"), "BJ": args.get("J"), "BN": args.get("F", args.get("N"))}
     fits = [c for c in configs if all(c.kwargs[t] <= max(64, triton.next_power_of_2(columns[t]))
@@ -54,9 +72,9 @@ def _tuned(kernel, configs, key):
 
 
 _LAUNCHERS = {  # the autotune keys: sizes, and the variant (an epilogue of two tiles wants narrower ones)
-    "_UP": (kernels.up_kernel, ["D", "F", "GATHER", "SWIGLU", "EPILOGUE"]),
-    "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO"]),
-    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "GATHER", "SWIGLU", "EPILOGUE"]),
+    "_UP": (kernels.up_kernel, ["D", "F", "GATHER", "SWIGLU", "EPILOGUE", "PERSISTENT", "B_T"]),
+    "_ROWS": (kernels.rows_kernel, ["K", "N", "TWO", "PERSISTENT", "B_T"]),
+    "_ACT_GRAD": (kernels.act_grad_kernel, ["D", "F", "GATHER", "SWIGLU", "EPILOGUE", "PERSISTENT", "B_T"]),
     "_TN": (kernels.tn_kernel, ["I", "J", "GATHER_LEFT", "GATHER_RIGHT", "SCALE"])}
 _UP, _ROWS, _ACT_GRAD, _TN = (_tuned(kernel, _TN_CONFIGS if name == "_TN" else _GEMM_CONFIGS, key)
                               for name, (kernel, key) in _LAUNCHERS.items())
@@ -67,6 +85,7 @@ def fixed_tiles(gemm: triton.Config, tn: triton.Config):
     """Inside the block every GEMM launches with ``gemm``'s tiles and the weight gradients with ``tn``'s,
     no autotuning: how the tile bench (``moe_core.bench.fused_tiles``) times one configuration."""
     saved = {name: globals()[name] for name in _LAUNCHERS}
+    gemm = gemm_config(gemm.kwargs["BN"], gemm.kwargs["BK"], gemm.num_warps, gemm.num_stages)
     for name, (kernel, key) in _LAUNCHERS.items():
         globals()[name] = triton.autotune([tn if name == "_TN" else gemm], key=key)(kernel)
     try:
@@ -84,11 +103,48 @@ def _types(dtype: torch.dtype) -> dict:
     return {"ACC": tl.float64 if dtype == torch.float64 else tl.float32, "PREC": precision}
 
 
+# The GEMMs that read plain rows run persistent where their operands allow (``operands``): a program per SM
+# loops over the tiles in use, reading both operands through tensor descriptors (TMA). A probe measured its
+# row GEMM at 1.00-1.10x cuBLAS's time against 1.14-1.22x one program per tile (BENCHMARKS.md).
+PERSISTENT = True
+
+
+@functools.cache
+def _programs(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def operands(as_NK: list, bs_EKJ: list, gathered: bool = False) -> tuple[list, list, dict]:
+    """A grouped GEMM's A and B operands as its kernel takes them, and the matching launch flags: tensor
+    descriptors and PERSISTENT where ``PERSISTENT`` is on and they allow it (rows not ``gathered`` in the
+    loads; 16-bit on a GPU, any dtype under the interpreter; contiguous rows; K a multiple of the widest reduction tile, so a descriptor
+    over the stacked experts never reads the next expert's B; each B stored as [E, K, J] or each as its
+    transpose, B_T), else the tensors. The block shapes are the interpreter's tiles, on a GPU set per
+    configuration (``_set_blocks``)."""
+    E, K, J = bs_EKJ[0].shape
+    b_t = not bs_EKJ[0].is_contiguous()
+    usable = (PERSISTENT and not gathered and (INTERPRETED or as_NK[0].element_size() == 2) and all(a.is_contiguous() for a in as_NK)
+              and K % (_SMALL["BK"] if INTERPRETED else 64) == 0 and J % 8 == 0
+              and all((b.transpose(1, 2) if b_t else b).is_contiguous() for b in bs_EKJ))
+    if not usable:
+        return as_NK, bs_EKJ, {"PERSISTENT": False, "B_T": False, "PROGRAMS": 1}
+    bm, bn, bk = BLOCK_ROWS, _SMALL["BN"], _SMALL["BK"]
+    descs_a = [TensorDescriptor.from_tensor(a, [bm, bk]) for a in as_NK]
+    descs_b = [TensorDescriptor.from_tensor(b.transpose(1, 2).reshape(E * J, K), [bn, bk]) if b_t
+               else TensorDescriptor.from_tensor(b.reshape(E * K, J), [bk, bn]) for b in bs_EKJ]
+    programs = 3 if INTERPRETED else _programs(as_NK[0].device.index or 0)
+    return descs_a, descs_b, {"PERSISTENT": True, "B_T": b_t, "PROGRAMS": programs}
+
+
 def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
-    """Launch a row-tiled grouped GEMM: one program per (row tile, column tile), columns fastest."""
+    """Launch a row-tiled grouped GEMM: one program per (row tile, column tile), columns fastest, or with
+    PERSISTENT one per SM, each looping over the tiles in use."""
     tiles = plan.tile_expert_M.numel()
     if INTERPRETED:
-        kernel[(tiles * triton.cdiv(columns, _SMALL["BN"]),)](*args, **meta, BM=plan.block_rows, **_SMALL)
+        grid = (meta["PROGRAMS"],) if meta["PERSISTENT"] else (tiles * triton.cdiv(columns, _SMALL["BN"]),)
+        kernel[grid](*args, **meta, BM=plan.block_rows, **_SMALL)
+    elif meta["PERSISTENT"]:
+        kernel[(meta["PROGRAMS"],)](*args, **meta, BM=plan.block_rows)
     else:
         kernel[lambda m: (tiles * triton.cdiv(columns, m["BN"]),)](*args, **meta, BM=plan.block_rows)
 
@@ -96,9 +152,9 @@ def _grouped(kernel, plan: FusedPlan, columns: int, *args, **meta) -> None:
 @torch.library.custom_op("moe_core::fused_plan", mutates_args=())
 def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tensor, counts_E: torch.Tensor,
                tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor]:
-    """(row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M): count each chunk's kept assignments,
-    give rows, tile. A custom op, so torch.compile keeps it in its graph as one opaque call."""
+                                        torch.Tensor, torch.Tensor]:
+    """(row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M, tiles_used_1): count each chunk's kept
+    assignments, give rows, tile. A custom op, so torch.compile keeps it in its graph as one opaque call."""
     A, E, dev = sorted_A.numel(), counts_E.numel(), sorted_A.device
     block = 64 if INTERPRETED else 1024
     chunks = triton.cdiv(A, block)
@@ -110,31 +166,33 @@ def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tens
                                         chunks, BLOCK=block, BC=triton.next_power_of_2(chunks))
     ends_E = torch.empty(E, dtype=torch.long, device=dev)
     tile_expert_M, tile_row_M = (torch.empty(tiles, dtype=torch.long, device=dev) for _ in range(2))
-    kernels.plan_tiles_kernel[(E,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, E, tiles,
+    tiles_used_1 = torch.empty(1, dtype=torch.long, device=dev)
+    kernels.plan_tiles_kernel[(E,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, tiles_used_1, E, tiles,
                                     BM=BLOCK_ROWS, BE=triton.next_power_of_2(E), BT=16 if INTERPRETED else 128)
-    return row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M
+    return row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M, tiles_used_1
 
 
 @_plan_rows.register_fake
 def _(sorted_A, keep_A, token_A, counts_E, tiles):
     A, E, M = sorted_A.numel(), counts_E.numel(), tiles
-    return tuple(sorted_A.new_empty(n) for n in (A, A, A, E, M, M))
+    return tuple(sorted_A.new_empty(n) for n in (A, A, A, E, M, M, 1))
 
 
 def build_plan(routing) -> FusedPlan:
     """``plan.make_plan(routing, BLOCK_ROWS)``'s tensors: from three kernels (and the token order's two or
     three PyTorch ones) in place of about forty."""
-    row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M = _plan_rows(
+    row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M, tiles_used_1 = _plan_rows(
         routing.sorted_A, routing.keep_A, routing.token_A, routing.counts_E, num_tiles(routing, BLOCK_ROWS))
     token_offs_T1, token_assign_A = token_order(routing)
     return FusedPlan(row_A=row_A, assign_N=assign_N, token_N=token_N, token_A=routing.token_A, ends_E=ends_E,
-                     tile_expert_M=tile_expert_M, tile_row_M=tile_row_M, token_offs_T1=token_offs_T1,
+                     tile_expert_M=tile_expert_M, tile_row_M=tile_row_M, tiles_used_1=tiles_used_1,
+                     token_offs_T1=token_offs_T1,
                      token_assign_A=token_assign_A, num_tokens=routing.num_tokens, num_experts=routing.num_experts,
                      block_rows=BLOCK_ROWS)
 
 
 def _tile_args(plan: FusedPlan) -> tuple:
-    return plan.tile_expert_M, plan.tile_row_M, plan.ends_E
+    return plan.tile_expert_M, plan.tile_row_M, plan.ends_E, plan.tiles_used_1
 
 
 def gather(src_TD, plan: FusedPlan, scale_N=None):
@@ -154,10 +212,11 @@ def up(x, token_N, plan: FusedPlan, w1_EDF, w3_EDF, epilogue: bool = True):
     g_NF = x.new_empty(N, Fh) if w3_EDF is not None else None
     swiglu = w3_EDF is not None
     assert not swiglu or w3_EDF.stride() == w1_EDF.stride(), "w1 and w3 must share strides"
-    _grouped(_UP, plan, Fh, x, token_N if token_N is not None else plan.token_N, w1_EDF,
-             w3_EDF if swiglu else w1_EDF, h_NF, g_NF if swiglu else h_NF, a_NF if epilogue else h_NF,
-             *_tile_args(plan), E, D, Fh, *w1_EDF.stride(), GATHER=token_N is not None, SWIGLU=swiglu,
-             EPILOGUE=epilogue, **_types(x.dtype))
+    ws = [w1_EDF, w3_EDF] if swiglu else [w1_EDF]
+    (xa,), wa, flags = operands([x], ws, gathered=token_N is not None)
+    _grouped(_UP, plan, Fh, xa, token_N if token_N is not None else plan.token_N, wa[0], wa[-1], h_NF,
+             g_NF if swiglu else h_NF, a_NF if epilogue else h_NF, *_tile_args(plan), E, D, Fh, *w1_EDF.stride(),
+             GATHER=token_N is not None, SWIGLU=swiglu, EPILOGUE=epilogue, **flags, **_types(x.dtype))
     return h_NF, g_NF, a_NF
 
 
@@ -179,8 +238,9 @@ def rows(a1_NK, b1_EKJ, plan: FusedPlan, a2_NK=None, b2_EKJ=None):
     (E, K, J), two = b1_EKJ.shape, a2_NK is not None
     assert not two or b2_EKJ.stride() == b1_EKJ.stride(), "B1 and B2 must share strides"
     out_NJ = a1_NK.new_empty(plan.assign_N.numel(), J)
-    _grouped(_ROWS, plan, J, a1_NK, b1_EKJ, a2_NK if two else a1_NK, b2_EKJ if two else b1_EKJ, out_NJ,
-             *_tile_args(plan), E, K, J, *b1_EKJ.stride(), TWO=two, **_types(a1_NK.dtype))
+    aa, ba, flags = operands([a1_NK, a2_NK] if two else [a1_NK], [b1_EKJ, b2_EKJ] if two else [b1_EKJ])
+    _grouped(_ROWS, plan, J, aa[0], ba[0], aa[-1], ba[-1], out_NJ, *_tile_args(plan), E, K, J, *b1_EKJ.stride(),
+             TWO=two, **flags, **_types(a1_NK.dtype))
     return out_NJ
 
 
@@ -189,9 +249,11 @@ def act_grad(dy, token_N, weight_N, plan: FusedPlan, w2t_EDF, h_NF, g_NF, epilog
     swiglu, gathered = g_NF is not None, token_N is not None
     dh_NF = torch.empty_like(h_NF)
     dg_NF = torch.empty_like(g_NF) if swiglu and epilogue else None
-    _grouped(_ACT_GRAD, plan, Fh, dy, token_N if gathered else plan.token_N, weight_N if gathered else h_NF,
-             w2t_EDF, h_NF, g_NF if swiglu else h_NF, dh_NF, dg_NF if dg_NF is not None else dh_NF, *_tile_args(plan),
-             E, D, Fh, *w2t_EDF.stride(), GATHER=gathered, SWIGLU=swiglu, EPILOGUE=epilogue, **_types(h_NF.dtype))
+    (dya,), (w2a,), flags = operands([dy], [w2t_EDF], gathered)
+    _grouped(_ACT_GRAD, plan, Fh, dya, token_N if gathered else plan.token_N, weight_N if gathered else h_NF, w2a,
+             h_NF, g_NF if swiglu else h_NF, dh_NF, dg_NF if dg_NF is not None else dh_NF, *_tile_args(plan),
+             E, D, Fh, *w2t_EDF.stride(), GATHER=gathered, SWIGLU=swiglu, EPILOGUE=epilogue, **flags,
+             **_types(h_NF.dtype))
     return dh_NF, dg_NF
 
 

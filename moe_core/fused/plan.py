@@ -28,6 +28,7 @@ class FusedPlan:
     ends_E: torch.Tensor  # long, rows [ends_E[e-1], ends_E[e]) belong to expert e (kept only)
     tile_expert_M: torch.Tensor  # long, the expert of row tile m; E marks an empty tile
     tile_row_M: torch.Tensor  # long, the first row of tile m
+    tiles_used_1: torch.Tensor  # long [1], how many row tiles are not empty (the first ones)
     token_offs_T1: torch.Tensor  # long, token t's assignments are token_assign_A[offs[t]:offs[t+1]]
     token_assign_A: torch.Tensor  # long, the assignments in token order (the combine's fixed order)
     num_tokens: int
@@ -57,7 +58,8 @@ def make_plan(routing: Routing, block_rows: int) -> FusedPlan:
     tile_row_M = starts_E[e_M] + (tile_M - (tile_ends_E - tiles_E)[e_M]) * block_rows
     token_offs_T1, token_assign_A = token_order(routing)
     return FusedPlan(row_A=row_A, assign_N=assign_N, token_N=routing.token_A[assign_N], token_A=routing.token_A,
-                     ends_E=ends_E, tile_expert_M=tile_expert_M, tile_row_M=tile_row_M, token_offs_T1=token_offs_T1,
+                     ends_E=ends_E, tile_expert_M=tile_expert_M, tile_row_M=tile_row_M,
+                     tiles_used_1=tile_ends_E[-1:], token_offs_T1=token_offs_T1,
                      token_assign_A=token_assign_A, num_tokens=routing.num_tokens, num_experts=E,
                      block_rows=block_rows)
 
