@@ -70,16 +70,15 @@ def _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN
 
 
 @triton.jit
-def _tiles(tile_expert_ptr, tiles_used_ptr, E, N, PERSISTENT: tl.constexpr, PROGRAMS: tl.constexpr,
-           BN: tl.constexpr):
-    """The tiles this program computes, as range(first, stop, step): with PERSISTENT every PROGRAMS-th
-    tile in use from its own id, else its one tile, or none when that tile is empty."""
-    p = tl.program_id(0)
-    if PERSISTENT:
-        first, stop, step = p, tl.load(tiles_used_ptr).to(tl.int32) * tl.cdiv(N, BN), PROGRAMS
-    else:
-        first, stop, step = p, tl.where(tl.load(tile_expert_ptr + p // tl.cdiv(N, BN)) < E, p + 1, p), 1
-    return first, stop, step
+def _tiles_used(tiles_used_ptr, N, BN: tl.constexpr):
+    """The persistent loop's bound: tiles in use times column tiles."""
+    return tl.load(tiles_used_ptr).to(tl.int32) * tl.cdiv(N, BN)
+
+
+@triton.jit
+def _empty(tile_expert_ptr, E, N, BN: tl.constexpr):
+    """Whether this program's tile (one program per tile) is past every expert's."""
+    return tl.load(tile_expert_ptr + tl.program_id(0) // tl.cdiv(N, BN)) >= E
 
 
 @triton.jit
@@ -123,6 +122,26 @@ def _dot_tiles(a, b, b2, a_rows, row0, row_ok, e, col0, cols, col_ok, K, J, sb_e
 
 
 @triton.jit
+def _up_tile(p, x, token_ptr, w1, w3, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F, sw_e,
+             sw_k, sw_n, GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, TMA: tl.constexpr,
+             B_T: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             BK: tl.constexpr):
+    e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
+    token = rows
+    if GATHER:
+        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    acc_h, acc_g = _dot_tiles(x, w1, w3, token, row0, row_ok, e, col0, cols, col_ok, D, F, sw_e, sw_k, sw_n, ACC,
+                              SWIGLU, TMA, B_T, PREC, BM, BN, BK)
+    out = rows[:, None] * F + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(h_ptr + out, acc_h.to(h_ptr.dtype.element_ty), mask=ok)
+    if SWIGLU:
+        tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=ok)
+    if EPILOGUE:
+        tl.store(a_ptr + out, _act(acc_h, acc_g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def up_kernel(x, token_ptr, w1, w3, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, tiles_used_ptr,
               E, D, F, sw_e, sw_k, sw_n,
               GATHER: tl.constexpr, SWIGLU: tl.constexpr, EPILOGUE: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -130,23 +149,32 @@ def up_kernel(x, token_ptr, w1, w3, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_r
               BN: tl.constexpr, BK: tl.constexpr):
     """h = x[token] @ W1[e] (and g = x[token] @ W3[e]); with EPILOGUE a = act(h, g) as well (else
     ``act_kernel`` computes it in a pass of its own). Without GATHER, x holds the rows already gathered
-    (x[n] for row n). PERSISTENT: a program per SM loops over the tiles, x and the weights are tensor
-    descriptors (no GATHER)."""
-    first, stop, step = _tiles(tile_expert_ptr, tiles_used_ptr, E, F, PERSISTENT, PROGRAMS, BN)
-    for p in tl.range(first, stop, step, flatten=PERSISTENT):
-        e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
-        token = rows
-        if GATHER:
-            token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-        acc_h, acc_g = _dot_tiles(x, w1, w3, token, row0, row_ok, e, col0, cols, col_ok, D, F, sw_e, sw_k, sw_n, ACC,
-                                  SWIGLU, PERSISTENT, B_T, PREC, BM, BN, BK)
-        out = rows[:, None] * F + cols[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        tl.store(h_ptr + out, acc_h.to(h_ptr.dtype.element_ty), mask=ok)
-        if SWIGLU:
-            tl.store(g_ptr + out, acc_g.to(g_ptr.dtype.element_ty), mask=ok)
-        if EPILOGUE:
-            tl.store(a_ptr + out, _act(acc_h, acc_g, SWIGLU).to(a_ptr.dtype.element_ty), mask=ok)
+    (x[n] for row n). PERSISTENT: a program per SM loops over the tiles in use, x and the weights are
+    tensor descriptors (never with GATHER); else one program per tile."""
+    if PERSISTENT:
+        for p in tl.range(tl.program_id(0), _tiles_used(tiles_used_ptr, F, BN), PROGRAMS, flatten=True):
+            _up_tile(p, x, token_ptr, w1, w3, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, E, D, F,
+                     sw_e, sw_k, sw_n, GATHER, SWIGLU, EPILOGUE, True, B_T, ACC, PREC, BM, BN, BK)
+    else:
+        if _empty(tile_expert_ptr, E, F, BN):
+            return
+        _up_tile(tl.program_id(0), x, token_ptr, w1, w3, h_ptr, g_ptr, a_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr,
+                 E, D, F, sw_e, sw_k, sw_n, GATHER, SWIGLU, EPILOGUE, False, B_T, ACC, PREC, BM, BN, BK)
+
+
+@triton.jit
+def _rows_tile(p, a1, b1, a2, b2, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, E, K, N, sb_e, sb_k, sb_n,
+               TWO: tl.constexpr, TMA: tl.constexpr, B_T: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM, BN)
+    acc, _ = _dot_tiles(a1, b1, b1, rows, row0, row_ok, e, col0, cols, col_ok, K, N, sb_e, sb_k, sb_n, ACC, False,
+                        TMA, B_T, PREC, BM, BN, BK)
+    if TWO:
+        acc2, _ = _dot_tiles(a2, b2, b2, rows, row0, row_ok, e, col0, cols, col_ok, K, N, sb_e, sb_k, sb_n, ACC, False,
+                             TMA, B_T, PREC, BM, BN, BK)
+        acc += acc2
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -155,17 +183,36 @@ def rows_kernel(a1, b1, a2, b2, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr
                 TWO: tl.constexpr, PERSISTENT: tl.constexpr, B_T: tl.constexpr, PROGRAMS: tl.constexpr,
                 ACC: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """out[n] = a1[n] @ B1[e] (+ a2[n] @ B2[e]) for the rows n of expert e; B1, B2 share strides."""
-    first, stop, step = _tiles(tile_expert_ptr, tiles_used_ptr, E, N, PERSISTENT, PROGRAMS, BN)
-    for p in tl.range(first, stop, step, flatten=PERSISTENT):
-        e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM, BN)
-        acc, _ = _dot_tiles(a1, b1, b1, rows, row0, row_ok, e, col0, cols, col_ok, K, N, sb_e, sb_k, sb_n, ACC,
-                            False, PERSISTENT, B_T, PREC, BM, BN, BK)
-        if TWO:
-            acc2, _ = _dot_tiles(a2, b2, b2, rows, row0, row_ok, e, col0, cols, col_ok, K, N, sb_e, sb_k, sb_n, ACC,
-                                 False, PERSISTENT, B_T, PREC, BM, BN, BK)
-            acc += acc2
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+    if PERSISTENT:
+        for p in tl.range(tl.program_id(0), _tiles_used(tiles_used_ptr, N, BN), PROGRAMS, flatten=True):
+            _rows_tile(p, a1, b1, a2, b2, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, E, K, N, sb_e, sb_k, sb_n,
+                       TWO, True, B_T, ACC, PREC, BM, BN, BK)
+    else:
+        if _empty(tile_expert_ptr, E, N, BN):
+            return
+        _rows_tile(tl.program_id(0), a1, b1, a2, b2, out_ptr, tile_expert_ptr, tile_row_ptr, ends_ptr, E, K, N, sb_e,
+                   sb_k, sb_n, TWO, False, B_T, ACC, PREC, BM, BN, BK)
+
+
+@triton.jit
+def _act_grad_tile(p, dy, token_ptr, weight_ptr, w2, h_ptr, g_ptr, dh_ptr, dg_ptr, tile_expert_ptr, tile_row_ptr,
+                   ends_ptr, E, D, F, sw_e, sw_k, sw_n, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+                   EPILOGUE: tl.constexpr, TMA: tl.constexpr, B_T: tl.constexpr, ACC: tl.constexpr,
+                   PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
+    token = rows
+    if GATHER:
+        token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    da, _ = _dot_tiles(dy, w2, w2, token, row0, row_ok, e, col0, cols, col_ok, D, F, sw_e, sw_k, sw_n, ACC, False,
+                       TMA, B_T, PREC, BM, BN, BK)
+    if GATHER:
+        da = da * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    out = rows[:, None] * F + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE:
+        _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, out, ok, SWIGLU, ACC)
+    else:
+        tl.store(dh_ptr + out, da.to(dh_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -178,22 +225,17 @@ def act_grad_kernel(dy, token_ptr, weight_ptr, w2, h_ptr, g_ptr, dh_ptr, dg_ptr,
     the epilogue), then with EPILOGUE the activation's backward from the stored h (and g): dh (and dg);
     without it da is stored in dh for ``act_backward_kernel``. Without GATHER, dy holds the rows already
     gathered and weighted (weight[n] * dy[token[n]] for row n)."""
-    first, stop, step = _tiles(tile_expert_ptr, tiles_used_ptr, E, F, PERSISTENT, PROGRAMS, BN)
-    for p in tl.range(first, stop, step, flatten=PERSISTENT):
-        e, row0, col0, rows, row_ok, cols, col_ok = _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, F, BM, BN)
-        token = rows
-        if GATHER:
-            token = tl.load(token_ptr + rows, mask=row_ok, other=0)
-        da, _ = _dot_tiles(dy, w2, w2, token, row0, row_ok, e, col0, cols, col_ok, D, F, sw_e, sw_k, sw_n, ACC,
-                           False, PERSISTENT, B_T, PREC, BM, BN, BK)
-        if GATHER:
-            da = da * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-        out = rows[:, None] * F + cols[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        if EPILOGUE:
-            _store_act_grads(da, h_ptr, g_ptr, dh_ptr, dg_ptr, out, ok, SWIGLU, ACC)
-        else:
-            tl.store(dh_ptr + out, da.to(dh_ptr.dtype.element_ty), mask=ok)
+    if PERSISTENT:
+        for p in tl.range(tl.program_id(0), _tiles_used(tiles_used_ptr, F, BN), PROGRAMS, flatten=True):
+            _act_grad_tile(p, dy, token_ptr, weight_ptr, w2, h_ptr, g_ptr, dh_ptr, dg_ptr, tile_expert_ptr,
+                           tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n, GATHER, SWIGLU, EPILOGUE, True, B_T, ACC,
+                           PREC, BM, BN, BK)
+    else:
+        if _empty(tile_expert_ptr, E, F, BN):
+            return
+        _act_grad_tile(tl.program_id(0), dy, token_ptr, weight_ptr, w2, h_ptr, g_ptr, dh_ptr, dg_ptr, tile_expert_ptr,
+                       tile_row_ptr, ends_ptr, E, D, F, sw_e, sw_k, sw_n, GATHER, SWIGLU, EPILOGUE, False, B_T, ACC,
+                       PREC, BM, BN, BK)
 
 
 @triton.jit
