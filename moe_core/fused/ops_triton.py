@@ -105,7 +105,7 @@ def _types(dtype: torch.dtype) -> dict:
 
 # The GEMMs that read plain rows run persistent where their operands allow (``operands``): a program per SM
 # loops over the tiles in use, reading both operands through tensor descriptors (TMA). A probe measured its
-# row GEMM at 1.00-1.10x cuBLAS's time against 1.14-1.22x one program per tile (BENCHMARKS.md).
+# row GEMM at 1.00-1.12x cuBLAS's time against 1.14-1.22x one program per tile (BENCHMARKS.md).
 PERSISTENT = True
 
 
