@@ -461,17 +461,19 @@ def _arg_type(name: str, flag: dict, ops_triton) -> str:
     operand = name in ops_triton._A_OPERANDS + ops_triton._B_OPERANDS
     if operand and flag.get("PERSISTENT"):
         rows = _BLOCKS["BM"] if name in ops_triton._A_OPERANDS else _BLOCKS["BN"] if flag["B_T"] else None
-        return f"tensordesc<bf16[{rows}, {_BLOCKS['BK']}]>" if rows else f"tensordesc<bf16[{_BLOCKS['BK']}, {_BLOCKS['BN']}]>"
+        shape = [rows, _BLOCKS["BK"]] if rows else [_BLOCKS["BK"], _BLOCKS["BN"]]
+        return f"tensordesc<bf16{shape}>"
     if operand or name.endswith("_ptr"):
         return next((t for t, names in _POINTER_TYPES.items() if name in names), "*bf16")
     return "i32"
 
 
 def lower_kernels() -> list[str]:
-    """Every kernel of ``moe_core.fused.kernels`` in each combination of its flags that ``ops_triton``
-    launches (PERSISTENT: the operands as tensor descriptors, never with GATHER; B_T only then), lowered
-    to Triton IR for an sm_90 target (the compiler's front end: types, control flow; no GPU needed). Run
-    in a process where triton is not interpreted. Returns one line per kernel and flags that fail."""
+    """Every kernel of ``moe_core.fused.kernels`` and ``plan_kernels`` in each combination of its flags
+    that ``ops_triton`` launches (PERSISTENT: the operands as tensor descriptors, never with GATHER; B_T
+    only then), lowered to Triton IR for an sm_90 target (the compiler's front end: types, control flow;
+    no GPU needed). Run in a process where triton is not interpreted. Returns one line per kernel and
+    flags that fail."""
     import itertools
 
     import triton
@@ -481,13 +483,13 @@ def lower_kernels() -> list[str]:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    from moe_core.fused import kernels, ops_triton
+    from moe_core.fused import kernels, ops_triton, plan_kernels
     assert not kernels.INTERPRETED
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     options = backend.parse_options({})
     failures = []
-    for name, fn in vars(kernels).items():
+    for name, fn in {**vars(kernels), **vars(plan_kernels)}.items():
         if not (name.endswith("_kernel") and isinstance(fn, triton.JITFunction)):
             continue
         constexprs = [p.name for p in fn.params if p.is_constexpr]
@@ -517,7 +519,8 @@ def test_every_kernel_lowers_to_triton_ir_for_a_hopper_gpu():
     ``if``, say); lowering each one to Triton IR catches that on a machine without a GPU."""
     import subprocess
     import sys
-    script = "import sys; sys.path.insert(0, 'tests'); from test_fused import lower_kernels; print(*lower_kernels(), sep='\\n')"
+    script = ("import sys; sys.path.insert(0, 'tests'); from test_fused import lower_kernels; "
+              "print(*lower_kernels(), sep='\\n')")
     env = {**__import__("os").environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

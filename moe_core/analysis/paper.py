@@ -190,7 +190,8 @@ def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict
                 "cap copy gbps": float(capacity["copy_gbps"].median()),
                 "cap cells": len(capacity.drop_duplicates(cell)), "cap runs": capacity["run_id"].nunique(),
                 "cap sources": ", ".join(capacity["source"].unique()), "cap dir": capacity_dir.name,
-                "cap date": _date(_run_id(capacity_dir, "capacity")), "cap device": str(capacity["device_name"].iloc[0]),
+                "cap date": _date(_run_id(capacity_dir, "capacity")),
+                "cap device": str(capacity["device_name"].iloc[0]),
                 "cap timing": "host-ahead" if cap_record.get("config", {}).get("host_ahead") else "plain"}
     if capacity["run_id"].nunique() > 1:  # how far a cell moves between the bench runs the figure averages
         cells = spread(capacity, "capacity")

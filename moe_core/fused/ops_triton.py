@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import kernels
+from . import kernels, plan_kernels
 from .kernels import INTERPRETED
 from .plan import FusedPlan, num_tiles, token_order
 
@@ -117,14 +117,15 @@ def _programs(device_index: int) -> int:
 def operands(as_NK: list, bs_EKJ: list, gathered: bool = False) -> tuple[list, list, dict]:
     """A grouped GEMM's A and B operands as its kernel takes them, and the matching launch flags: tensor
     descriptors and PERSISTENT where ``PERSISTENT`` is on and they allow it (rows not ``gathered`` in the
-    loads; 16-bit on a GPU, any dtype under the interpreter; contiguous rows; K a multiple of the widest reduction tile, so a descriptor
-    over the stacked experts never reads the next expert's B; each B stored as [E, K, J] or each as its
-    transpose, B_T), else the tensors. The block shapes are the interpreter's tiles, on a GPU set per
-    configuration (``_set_blocks``)."""
+    loads; 16-bit on a GPU, any dtype under the interpreter; contiguous rows; K a multiple of the widest
+    reduction tile, so a descriptor over the stacked experts never reads the next expert's B; each B
+    stored as [E, K, J] or each as its transpose, B_T), else the tensors. The block shapes are the
+    interpreter's tiles, on a GPU set per configuration (``_set_blocks``)."""
     E, K, J = bs_EKJ[0].shape
     b_t = not bs_EKJ[0].is_contiguous()
-    usable = (PERSISTENT and not gathered and (INTERPRETED or as_NK[0].element_size() == 2) and all(a.is_contiguous() for a in as_NK)
-              and K % (_SMALL["BK"] if INTERPRETED else 64) == 0 and J % 8 == 0
+    usable = (PERSISTENT and not gathered and (INTERPRETED or as_NK[0].element_size() == 2)
+              and all(a.is_contiguous() for a in as_NK) and K % (_SMALL["BK"] if INTERPRETED else 64) == 0
+              and J % 8 == 0
               and all((b.transpose(1, 2) if b_t else b).is_contiguous() for b in bs_EKJ))
     if not usable:
         return as_NK, bs_EKJ, {"PERSISTENT": False, "B_T": False, "PROGRAMS": 1}
@@ -160,14 +161,14 @@ def _plan_rows(sorted_A: torch.Tensor, keep_A: torch.Tensor, token_A: torch.Tens
     chunks = triton.cdiv(A, block)
     keep_A = keep_A.view(torch.uint8)
     count_C = torch.empty(chunks, dtype=torch.int32, device=dev)
-    kernels.plan_counts_kernel[(chunks,)](sorted_A, keep_A, count_C, A, BLOCK=block)
+    plan_kernels.plan_counts_kernel[(chunks,)](sorted_A, keep_A, count_C, A, BLOCK=block)
     row_A, assign_N, token_N, through_A = (torch.empty(A, dtype=torch.long, device=dev) for _ in range(4))
-    kernels.plan_rows_kernel[(chunks,)](sorted_A, keep_A, token_A, count_C, row_A, assign_N, token_N, through_A, A,
+    plan_kernels.plan_rows_kernel[(chunks,)](sorted_A, keep_A, token_A, count_C, row_A, assign_N, token_N, through_A, A,
                                         chunks, BLOCK=block, BC=triton.next_power_of_2(chunks))
     ends_E = torch.empty(E, dtype=torch.long, device=dev)
     tile_expert_M, tile_row_M = (torch.empty(tiles, dtype=torch.long, device=dev) for _ in range(2))
     tiles_used_1 = torch.empty(1, dtype=torch.long, device=dev)
-    kernels.plan_tiles_kernel[(E,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, tiles_used_1, E, tiles,
+    plan_kernels.plan_tiles_kernel[(E,)](counts_E, through_A, ends_E, tile_expert_M, tile_row_M, tiles_used_1, E, tiles,
                                     BM=BLOCK_ROWS, BE=triton.next_power_of_2(E), BT=16 if INTERPRETED else 128)
     return row_A, assign_N, token_N, ends_E, tile_expert_M, tile_row_M, tiles_used_1
 
