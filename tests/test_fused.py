@@ -97,7 +97,7 @@ def test_persistent_gemms_match_reference_float64(router, cf, activation, monkey
     the weights stacked as [E*K, J] or, transposed, as [E*J, K]: equal to the per-token reference in
     float64 and to the one-program-per-tile kernels, with the activation apart or in the epilogues."""
     from moe_core.fused import ops_triton
-    layer, x, ids = fused_layer(router, cf, activation, T=70, D=64, F=96, dtype=torch.float64)
+    layer, x, ids = fused_layer(router, cf, activation, T=40, D=64, F=96, dtype=torch.float64)
     ex = layer.experts
     flags = [ops_triton.operands([x], [w])[2] for w in (ex.w1_EDF, ex.w2_EFD.transpose(1, 2))]
     assert [(f["PERSISTENT"], f["B_T"]) for f in flags] == [(True, False), (True, True)]
@@ -286,6 +286,8 @@ def test_layer_bench_times_the_fused_backends_other_ways(setting, tmp_path, monk
     default, seen = getattr(module, name), []
     real = function.fused_forward
     monkeypatch.setattr(function, "fused_forward", lambda *args: seen.append(getattr(module, name)) or real(*args))
+    # one call per timing instead of 3 warm-ups and 20 timed calls: the kernels run interpreted here
+    monkeypatch.setattr(bench.layer, "time_median_ms", lambda fn, inputs, device, **_: fn(inputs[0]) or 1.0)
     shape = {"tokens": 32, "dim": 16, "hidden": 16, "experts": 4, "top_k": 2}
     for on in (True, False):
         cfg = bench.LayerBenchConfig(device="cpu", shapes=[shape], backends=["fused"], warmup=1, **{setting: on})
