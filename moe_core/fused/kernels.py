@@ -56,16 +56,16 @@ def _act_grads(da, h, g, SWIGLU: tl.constexpr):
 
 @triton.jit
 def _tile(p, tile_expert_ptr, tile_row_ptr, ends_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr):
-    """Program (or persistent iteration) p's expert e (E: an empty tile), its first row and column, its
-    rows and which of them are e's (a tile's tail may not be), its output columns and which exist.
-    Column tiles fastest."""
+    """Program (or persistent iteration) p's expert e, its first row and column, its rows and which of
+    them are e's (a tile's tail may not be), its output columns and which exist. Column tiles fastest.
+    Never an empty tile: the per-tile kernels return before, the persistent loop stops at the last used."""
     column_tiles = tl.cdiv(N, BN)
     m = p // column_tiles
     e = tl.load(tile_expert_ptr + m)
     row0 = tl.load(tile_row_ptr + m)
     col0 = (p % column_tiles) * BN
     rows, cols = row0 + tl.arange(0, BM), col0 + tl.arange(0, BN)
-    row_ok = rows < tl.where(e < E, tl.load(ends_ptr + tl.minimum(e, E - 1)), 0)
+    row_ok = rows < tl.load(ends_ptr + tl.minimum(e, E - 1))
     return e, row0, col0, rows, row_ok, cols, cols < N
 
 
