@@ -190,7 +190,8 @@ class LayerBenchConfig(BenchConfig):
         self._require(isinstance(self.dense_repeats, int) and self.dense_repeats >= 1, "dense_repeats",
                       f"must be an integer >= 1, got {self.dense_repeats!r}")
         for name in ("fused_epilogue", "fused_persistent"):
-            self._require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            self._require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
         bad_modes = sorted(set(self.compile_modes) - {"none", *COMPILE_MODES})
         self._require(bool(self.compile_modes) and not bad_modes, "compile_modes",
                       f"unknown {bad_modes}; valid: none, {', '.join(COMPILE_MODES)}")
