@@ -6,7 +6,7 @@
 Writes two files beside the notebooks' numbers_a.tex / numbers_b.tex (and rewrites numbers.tex, which
 inputs them all, through moe_core.analysis.latex.write_numbers):
 
-- ``numbers_bench.tex``: H100 speed results. From the full-grid bench directory (default: the newest
+- ``numbers_bench.tex``: speed results (each names its GPU). From the full-grid bench directory (default: the newest
   with train, layer and capacity records): train.csv (the real trainer's tokens/s, ms/step, MFU per
   batch x backend x compile mode), layer.csv (MoE layer vs. a dense FFN of equal active FLOPs, every
   backend), the run JSON's device, torch version and measured matmul peak. From the capacity
@@ -160,7 +160,7 @@ def newest_compiled(bench_root: Path, device: str) -> Path | None:
 
 
 def bench_numbers(bench_dir: Path, latest_dir: Path, capacity_dir: Path) -> dict:
-    """H100 speed macros: the full grid of ``bench_dir`` (train with every compile mode, every layer
+    """Speed macros: the full grid of ``bench_dir`` (train with every compile mode, every layer
     backend) as ``Bench*``/``TrainB*``/``LayerE*``, the capacity bench of ``capacity_dir`` as ``Cap*``,
     and the newest train and layer records of ``latest_dir`` as ``Latest*`` (each ratio comes from
     one run)."""
