@@ -10,7 +10,11 @@
 # Stages, in this order for `all` (the default), each bounded by `timeout` and all of them together
 # by BUDGET_S seconds (default 570, one 10-minute call); a stage the budget cannot start is reported
 # as skipped. Every bench process times one shape, so a stage cut short keeps the shapes it finished.
-# EAGER_CAP_S / COMPILED_CAP_S (default 150 / 120) bound each shape's process in those stages.
+# EAGER_CAP_S / COMPILED_CAP_S (default 150 / 120) bound each shape's process in those stages;
+# SHAPE_FILTER (a bash regex) keeps the shapes matching it, e.g. swiglu, or 'k: [28]}$' for the GELU ones.
+# Compiled kernels, Triton's autotune choices and Inductor's cache live in .cache/ (git-ignored): carried
+# from an earlier call, they spare this one the compiling and autotuning; with $OUT set, .cache comes back
+# as cache.tgz.
 #   tests     pytest tests/test_fused.py tests/test_gpu.py on CUDA: the fused kernels compiled, float32
 #             against loop, bf16 under autocast against float64, bench-size shapes against grouped,
 #             bitwise determinism (every backend's bf16 check in test_gpu.py includes fused)
@@ -35,6 +39,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -c "import liger_kernel.ops.fused_moe" 2>/dev/null && echo "liger-kernel: imports" \
@@ -53,9 +58,9 @@ SHAPES=(
     "{tokens: 32768, dim: 1024, hidden: 2048, experts: 8, top_k: 2, activation: swiglu, capacity_factor: null}"
     "{tokens: 32768, dim: 1024, hidden: 512, experts: 64, top_k: 8, activation: swiglu, capacity_factor: null}"
 )
-layer_bench() {  # layer_bench CAP MODE: one process per shape (SHAPE_FILTER=swiglu: those containing it)
+layer_bench() {  # layer_bench CAP MODE: one process per shape (SHAPE_FILTER: those matching it)
     for shape in "${SHAPES[@]}"; do
-        [[ "$shape" == *"${SHAPE_FILTER:-}"* ]] || continue
+        [[ "$shape" =~ ${SHAPE_FILTER:-.} ]] || continue
         capped "$1" python3 -m moe_core.bench layer --device cuda --out "$out" --set "shapes=[$shape]" \
             --set "backends=[padded, grouped, fused, liger]" --set "compile_modes=[$2]"
     done
@@ -87,4 +92,5 @@ stages=("$@")
 for s in "${stages[@]}"; do echo "== $s ($((deadline - SECONDS)) s of the budget left)"; run_stage "$s"; done
 if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/fused_records.tgz" "$out"
+    tar czf "$OUT/cache.tgz" .cache 2>/dev/null
 fi
