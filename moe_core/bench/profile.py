@@ -30,7 +30,7 @@ from ..model import DenseFeedForward, TinyMoEModel
 from ..moe import MoEFeedForward
 from ..train import COMPILE_MODES
 from .capacity import DISPATCH_FNS, IdentityExperts
-from .timing import compiled
+from .timing import compiled, fwd_bwd
 
 CALLS = 3  # warm-up calls, then profiled calls
 
@@ -62,16 +62,12 @@ def profile_layer(backend: str = "grouped", experts: int = 8, top_k: int = 2, hi
     layer = compiled(MoEFeedForward(cfg).cuda().bfloat16(), compile_mode)
     dense = compiled(DenseFeedForward(dim, top_k * hidden, "gelu").cuda().bfloat16(), compile_mode)
     x_TD = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy_TD = torch.randn_like(x_TD)
+    inputs = [x_TD, torch.randn_like(x_TD)]
+    moe_step, dense_step = fwd_bwd(layer), fwd_bwd(dense)  # the layer bench's timed step: no .grad accumulates
 
-    def moe_step():
-        layer(x_TD)[0].backward(dy_TD)
-
-    def dense_step():
-        dense(x_TD).backward(dy_TD)
-
-    moe = gpu_profile(moe_step, f"moe {backend} E={experts} k={top_k} F={hidden} compile={compile_mode}", 25)
-    ref = gpu_profile(dense_step, "dense", 8)
+    moe = gpu_profile(lambda: moe_step(inputs), f"moe {backend} E={experts} k={top_k} F={hidden} compile={compile_mode}",
+                      25)
+    ref = gpu_profile(lambda: dense_step(inputs), "dense", 8)
     print(f"moe / dense GPU time: {moe / ref:.3f}")
     return moe / ref
 
