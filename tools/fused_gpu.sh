@@ -11,10 +11,8 @@
 # by BUDGET_S seconds (default 570, one 10-minute call); a stage the budget cannot start is reported
 # as skipped. Every bench process times one shape, so a stage cut short keeps the shapes it finished.
 # EAGER_CAP_S / COMPILED_CAP_S (default 150 / 120) bound each shape's process in those stages;
-# SHAPE_FILTER (a bash regex) keeps the shapes matching it, e.g. swiglu, or 'k: [28]}$' for the GELU ones.
-# Compiled kernels, Triton's autotune choices and Inductor's cache live in .cache/ (git-ignored): carried
-# from an earlier call, they spare this one the compiling and autotuning; with $OUT set, .cache comes back
-# as cache.tgz.
+# SHAPE_FILTER (a bash regex) keeps the shapes matching it, e.g. swiglu, or 'k: [28]}$' for the GELU ones;
+# BACKENDS (default [padded, grouped, fused, liger]) the layer bench's backends.
 #   tests     pytest tests/test_fused.py tests/test_gpu.py on CUDA: the fused kernels compiled, float32
 #             against loop, bf16 under autocast against float64, bench-size shapes against grouped,
 #             bitwise determinism (every backend's bf16 check in test_gpu.py includes fused)
@@ -23,7 +21,7 @@
 #             SwiGLU dropless (liger's like for like): T=32k D=1024 (E=8 k=2 F=2048), (E=64 k=8 F=512)
 #   profile   torch.profiler kernel table of fused (and the dense FFN) at the two GELU shapes, eager
 #   compiled  the layer bench again under torch.compile (default mode): MoE layer and dense alike
-#   train     (not in `all`) the train bench, grouped against fused, compiled
+#   train     (not in `all`) the train bench, grouped against fused, in Experiment A's compile mode (CUDA graphs)
 #   tiles     (not in `all`) the tile bench over the autotune lists, every step both ways of gathering and
 #             of placing the activation (fused_tiles.jsonl, fused_tiles.log)
 #   dispatch  (not in `all`) the dispatch cell's kernel profile (plan, gather, combine) at E8 k2 and
@@ -39,7 +37,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 python3 -c "import liger_kernel.ops.fused_moe" 2>/dev/null && echo "liger-kernel: imports" \
@@ -62,7 +59,7 @@ layer_bench() {  # layer_bench CAP MODE: one process per shape (SHAPE_FILTER: th
     for shape in "${SHAPES[@]}"; do
         [[ "$shape" =~ ${SHAPE_FILTER:-.} ]] || continue
         capped "$1" python3 -m moe_core.bench layer --device cuda --out "$out" --set "shapes=[$shape]" \
-            --set "backends=[padded, grouped, fused, liger]" --set "compile_modes=[$2]"
+            --set "backends=${BACKENDS:-[padded, grouped, fused, liger]}" --set "compile_modes=[$2]"
     done
 }
 
@@ -76,7 +73,7 @@ run_stage() {
                  done 2>&1 | tee -a "$out/fused_profile.txt" ;;
         compiled) layer_bench "${COMPILED_CAP_S:-120}" default ;;
         train) capped 580 python3 -m moe_core.bench train --device cuda --out "$out" \
-                   --set "backends=[grouped, fused]" --set "compile_modes=[default]" ;;
+                   --set "backends=[grouped, fused]" --set "compile_modes=[reduce-overhead]" ;;
         tiles) capped 400 python3 -m moe_core.bench.fused_tiles --autotuned --out "$out" 2>&1 | tee "$out/fused_tiles.log" ;;
         dispatch) for shape in "8 2 1.25" "64 8 1.25"; do
                       capped 60 python3 -m moe_core.bench.profile dispatch fused $shape
@@ -92,5 +89,4 @@ stages=("$@")
 for s in "${stages[@]}"; do echo "== $s ($((deadline - SECONDS)) s of the budget left)"; run_stage "$s"; done
 if [ -n "${OUT:-}" ]; then
     tar czf "$OUT/fused_records.tgz" "$out"
-    tar czf "$OUT/cache.tgz" .cache 2>/dev/null
 fi
