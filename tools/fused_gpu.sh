@@ -26,7 +26,8 @@
 #             of placing the activation (fused_tiles.jsonl, fused_tiles.log)
 #   dispatch  (not in `all`) the dispatch cell's kernel profile (plan, gather, combine) at E8 k2 and
 #             E64 k8, CF 1.25, and the capacity bench for fused (random and skewed routing, host-ahead)
-# Records: OUT_DIR (default runs/benchmarks/fused_<date>) gets layer.{jsonl,csv}, layer_<run>.json,
+# Records: OUT_DIR (default runs/benchmarks/fused_<date>) gets layer.{jsonl,csv}, layer_<run>.json, the
+# layer bench's output per compile mode with the GEMMs' autotune choices (layer_<mode>.log),
 # fused_gpu_tests.txt and fused_profile.txt (and train.*, fused_tiles.*, dispatch_profile.txt, capacity.*
 # from the stages outside `all`); with $OUT set (a collecting folder), a tarball of it too.
 set -uo pipefail
@@ -58,8 +59,9 @@ SHAPES=(
 layer_bench() {  # layer_bench CAP MODE: one process per shape (SHAPE_FILTER: those matching it)
     for shape in "${SHAPES[@]}"; do
         [[ "$shape" =~ ${SHAPE_FILTER:-.} ]] || continue
-        capped "$1" python3 -m moe_core.bench layer --device cuda --out "$out" --set "shapes=[$shape]" \
-            --set "backends=${BACKENDS:-[padded, grouped, fused, liger]}" --set "compile_modes=[$2]"
+        TRITON_PRINT_AUTOTUNING=1 capped "$1" python3 -m moe_core.bench layer --device cuda --out "$out" \
+            --set "shapes=[$shape]" --set "backends=${BACKENDS:-[padded, grouped, fused, liger]}" \
+            --set "compile_modes=[$2]" 2>&1 | tee -a "$out/layer_$2.log"
     done
 }
 
